@@ -1,0 +1,126 @@
+"""Command-line entry points: ``python pretrain.py ...`` and the ``sslvit`` console script.
+
+Every user mistake (a :class:`~sslvit.errors.UserError`) ends as one ``error: ...`` line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from sslvit.errors import DataError, UserError
+
+
+def pretrain_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pretrain.py",
+        description="Pretrain a ViT encoder with a self-supervised recipe (run it again to resume).",
+    )
+    parser.add_argument("--recipe", help="a recipe name (see --list-recipes) or a path to a recipe .py file")
+    parser.add_argument(
+        "--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+        help="override recipe fields by dotted path, e.g. --set optim.base_lr=1e-4 data.path=/data/train",
+    )  # fmt: skip
+    parser.add_argument("--output-dir", help="run folder (default: runs/<recipe>)")
+    parser.add_argument("--list-recipes", action="store_true", help="list the shipped recipes and exit")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved recipe as JSON and exit")
+    return parser
+
+
+def resolve(recipe_name: str, overrides: list[str]):
+    """Load, override and validate a recipe (imported lazily: --help stays fast)."""
+    from sslvit.recipe import apply_overrides, load_recipe
+
+    recipe = apply_overrides(load_recipe(recipe_name), overrides)
+    recipe.validate()
+    return recipe
+
+
+def run_pretrain(argv: list[str] | None = None) -> int:
+    args = pretrain_parser().parse_args(argv)
+    from sslvit.recipe import derive, list_recipes, resolved_json
+
+    if args.list_recipes:
+        for name in list_recipes():
+            print(name)
+        return 0
+    if not args.recipe:
+        raise UserError("--recipe is required (see --list-recipes), e.g. --recipe quickstart")
+    recipe = resolve(args.recipe, args.overrides)
+    if args.print_config:
+        print(resolved_json(recipe, derive(recipe, int(os.environ.get("WORLD_SIZE", "1")), _count(recipe))))
+        return 0
+    if not recipe.data.path:
+        raise UserError(f"recipe {recipe.name} needs data.path: add --set data.path=/path/to/images")
+    from sslvit.train import pretrain
+
+    run_dir = Path(args.output_dir or Path("runs") / recipe.name)
+    summary = pretrain(recipe, run_dir)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _count(recipe) -> int | None:
+    """Images per epoch for --print-config, when they can be counted without decoding; else None."""
+    from sslvit.data import count_samples
+
+    try:
+        return count_samples(recipe.data) if recipe.data.path else None
+    except DataError:
+        return None
+
+
+def run_export(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="sslvit export", description="Export a run's encoder for timm.")
+    parser.add_argument("run_dir", help="an sslvit run folder (runs/<recipe>)")
+    args = parser.parse_args(argv)
+    from sslvit.checkpoint import export_run
+
+    out = export_run(Path(args.run_dir))
+    print(f"wrote {out}: load it with timm.create_model('local-dir:{out}', pretrained=True)")
+    return 0
+
+
+def run_list(argv: list[str] | None = None) -> int:
+    return run_pretrain(["--list-recipes"])
+
+
+COMMANDS: dict[str, Callable[[list[str] | None], int]] = {
+    "pretrain": run_pretrain,
+    "export": run_export,
+    "recipes": run_list,
+}
+
+
+def guarded(command: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
+    """Run ``command``; a UserError becomes one line on stderr and exit code 2."""
+    _setup_logging()
+    try:
+        return command(argv)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def _setup_logging() -> None:
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    logging.basicConfig(level=logging.INFO if main_process else logging.WARNING, format="%(name)s: %(message)s")
+    logging.getLogger("accelerate").setLevel(logging.WARNING)  # it logs every file of every checkpoint at INFO
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in COMMANDS:
+        print(f"usage: sslvit {{{','.join(COMMANDS)}}} ...  (sslvit COMMAND --help for each)", file=sys.stderr)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    return guarded(COMMANDS[argv[0]], argv[1:])
+
+
+def pretrain_main() -> int:
+    return guarded(run_pretrain)

@@ -1,0 +1,90 @@
+"""The Objective interface every pretraining method implements.
+
+The training loop only ever talks to this interface, so adding an objective is one new file plus one line
+in :data:`sslvit.objectives.OBJECTIVES`. An objective composes the shared timm ViT (never subclasses it),
+owns the schedules that belong to the method (EMA momentum, temperatures), and makes no Accelerator calls
+and no device moves: the loop does those.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from timm.models.vision_transformer import VisionTransformer
+from timm.optim import param_groups_weight_decay
+from torch import nn
+
+# Parameters never decayed besides biases and norms (timm's ViT.no_weight_decay() plus objectives' tokens).
+NO_DECAY_SUFFIXES = ("pos_embed", "cls_token", "reg_token", "dist_token", "mask_token")
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where training is: ``step`` optimisation steps are done, out of ``total_steps``.
+
+    Schedules written in epochs (warmup, teacher temperature, ...) read :attr:`epoch`, the fractional
+    schedule epoch, as the official MAE and DINO code do per iteration.
+    """
+
+    step: int
+    total_steps: int
+    epochs: int
+
+    @property
+    def epoch(self) -> float:
+        return self.step / max(self.total_steps, 1) * self.epochs
+
+
+class Objective(nn.Module, ABC):
+    """A self-supervised objective around one shared timm ViT encoder.
+
+    Subclasses set ``name`` and ``Config`` (their config dataclass, which has a ``name`` field equal to
+    ``name`` and a ``validate()`` method) and implement :meth:`views`, :meth:`forward` and
+    :meth:`encoder_for_export`. The hooks default to doing nothing.
+    """
+
+    name: ClassVar[str]
+    Config: ClassVar[type]
+
+    @classmethod
+    def backbone_kwargs(cls, cfg: Any) -> dict[str, Any]:
+        """Extra timm keyword arguments the objective needs in its backbone (kept in the export)."""
+        return {}
+
+    @abstractmethod
+    def views(self) -> Callable[[Any], Any]:
+        """The per-image training transform: PIL RGB image -> the view(s) :meth:`forward` expects."""
+
+    @abstractmethod
+    def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Compute the loss on a collated batch (``batch["views"]``) -> ``{"loss": ..., other scalars}``.
+
+        Every value except ``"loss"`` must be detached; all are averaged and logged by the loop.
+        """
+
+    @abstractmethod
+    def encoder_for_export(self) -> VisionTransformer:
+        """The backbone users evaluate (MAE: the encoder; DINO: the teacher's backbone)."""
+
+    def before_step(self, progress: Progress) -> None:
+        """Set per-step schedule values before the forward pass (e.g. the teacher temperature)."""
+
+    def after_backward(self, progress: Progress) -> None:
+        """Edit gradients after backward, before clipping and the optimizer step (e.g. freeze a layer)."""
+
+    def after_step(self, progress: Progress) -> dict[str, float]:
+        """Update state after the optimizer step (e.g. EMA teacher); return schedule values to log."""
+        return {}
+
+    def visualize(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Images for TensorBoard, each ``(3, H, W)`` in [0, 1], computed on a fixed batch."""
+        return {}
+
+    def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+        """AdamW parameter groups: no weight decay on biases, norms, tokens and position embeddings."""
+        names = [n for n, p in self.named_parameters() if p.requires_grad and n.endswith(NO_DECAY_SUFFIXES)]
+        return param_groups_weight_decay(self, weight_decay, no_weight_decay_list=names)

@@ -1,0 +1,383 @@
+"""Typed recipes: the dataclasses, loading a recipe by name or path, ``--set`` overrides and validation.
+
+A recipe is one Python file in ``recipes/`` that defines ``RECIPE = Recipe(...)``; variants are made with
+``dataclasses.replace`` from a base recipe. Derived values (absolute lr, global batch, total steps) are
+computed by :func:`derive` and logged, never written back into the recipe.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.util
+import json
+import math
+import os
+import pkgutil
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from sslvit.errors import RecipeError
+
+
+@dataclass
+class ModelConfig:
+    """The shared timm ViT backbone.
+
+    ``name`` is an exact timm model name; ``depth``, ``embed_dim`` and ``num_heads`` override the
+    architecture's own values when set (tiny test models), and are kept in the export so timm rebuilds it.
+    """
+
+    name: str = "vit_base_patch16_224"
+    img_size: int = 224
+    patch_size: int = 16
+    drop_path_rate: float = 0.0
+    depth: int | None = None
+    embed_dim: int | None = None
+    num_heads: int | None = None
+
+    def validate(self) -> None:
+        _check(self.img_size > 0 and self.patch_size > 0, "model.img_size and model.patch_size must be positive")
+        _check(
+            self.img_size % self.patch_size == 0,
+            f"model.img_size={self.img_size} is not divisible by model.patch_size={self.patch_size}; "
+            "pick an image size that is a multiple of the patch size",
+        )
+        _check(0.0 <= self.drop_path_rate < 1.0, "model.drop_path_rate must be in [0, 1)")
+        if self.embed_dim is not None and self.num_heads is not None:
+            _check(
+                self.embed_dim % self.num_heads == 0,
+                f"model.embed_dim={self.embed_dim} is not divisible by model.num_heads={self.num_heads}",
+            )
+
+
+@dataclass
+class DataConfig:
+    """Where the images come from and how they are loaded.
+
+    ``path`` is ``digits`` (built in), a folder of images, a folder or glob of parquet/arrow files in the
+    Hugging Face layout, or a Hub dataset id. Empty means the recipe expects the user to set it.
+    """
+
+    path: str = "digits"
+    split: str = "train"
+    image_column: str = ""  # "" = the first Image feature of the dataset
+    label_column: str = ""  # "" = the first ClassLabel feature, else a column named label/labels
+    streaming: bool = False
+    num_workers: int = -1  # -1 = min(8, CPU cores available to this process)
+    pin_memory: bool = True
+    persistent_workers: bool = True
+    prefetch_factor: int = 2
+
+    def validate(self) -> None:
+        _check(self.num_workers >= -1, "data.num_workers must be -1 (auto) or >= 0")
+        _check(self.prefetch_factor >= 1, "data.prefetch_factor must be >= 1")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with per-step warmup + cosine learning rate and an optional cosine weight-decay schedule.
+
+    ``base_lr`` is the rate per 256 images: the absolute lr is ``base_lr * global_batch / 256``.
+    """
+
+    base_lr: float = 1.5e-4
+    min_lr: float = 0.0
+    warmup_start_lr: float = 0.0
+    weight_decay: float = 0.05
+    weight_decay_end: float | None = None  # None = constant weight decay
+    betas: tuple[float, float] = (0.9, 0.95)
+    clip_grad: float = 0.0  # max global grad norm; 0 = no clipping
+
+    def validate(self) -> None:
+        _check(self.base_lr > 0, "optim.base_lr must be positive")
+        _check(self.min_lr >= 0 and self.warmup_start_lr >= 0, "optim.min_lr and optim.warmup_start_lr must be >= 0")
+        _check(self.weight_decay >= 0, "optim.weight_decay must be >= 0")
+        _check(all(0.0 <= b < 1.0 for b in self.betas), "optim.betas must both be in [0, 1)")
+        _check(self.clip_grad >= 0, "optim.clip_grad must be >= 0 (0 disables clipping)")
+
+
+@dataclass
+class ScheduleConfig:
+    """Length of training in epochs; schedules run per optimisation step."""
+
+    epochs: int = 800
+    warmup_epochs: float = 40
+
+    def validate(self) -> None:
+        _check(self.epochs > 0, "schedule.epochs must be positive")
+        _check(
+            0 <= self.warmup_epochs <= self.epochs,
+            f"schedule.warmup_epochs={self.warmup_epochs} must be between 0 and schedule.epochs={self.epochs}",
+        )
+
+
+@dataclass
+class TrainConfig:
+    """Batching, precision, checkpointing and the seed.
+
+    ``global_batch_size`` is the number of images per optimisation step over all processes; gradient
+    accumulation is derived from it. 0 means "no accumulation": world size x ``batch_size_per_device``.
+    """
+
+    global_batch_size: int = 4096
+    batch_size_per_device: int = 64
+    precision: Literal["no", "fp16", "bf16"] = "bf16"
+    max_steps: int = 0  # > 0: train this many optimisation steps, schedules compressed to fit (quick runs)
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 3
+    seed: int = 0
+
+    def validate(self) -> None:
+        _check(self.batch_size_per_device > 0, "train.batch_size_per_device must be positive")
+        _check(self.global_batch_size >= 0, "train.global_batch_size must be >= 0 (0 = no accumulation)")
+        _check(self.max_steps >= 0, "train.max_steps must be >= 0 (0 = the whole schedule)")
+        _check(self.checkpoint_every > 0, "train.checkpoint_every must be positive")
+        _check(self.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1")
+
+
+@dataclass
+class LogConfig:
+    """TensorBoard logging: scalars every ``every`` steps, images every ``image_every`` steps (0 = never)."""
+
+    every: int = 20
+    image_every: int = 1000
+    num_images: int = 8
+
+    def validate(self) -> None:
+        _check(self.every > 0, "log.every must be positive")
+        _check(self.image_every >= 0, "log.image_every must be >= 0 (0 = never)")
+        _check(self.num_images > 0, "log.num_images must be positive")
+
+
+@dataclass
+class Recipe:
+    """A whole pretraining recipe. ``objective`` is the config dataclass of one objective (it has a ``name``)."""
+
+    objective: Any
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    name: str = ""
+
+    def validate(self) -> None:
+        """Raise :class:`RecipeError` naming the first field that holds an impossible value."""
+        for section in (self.model, self.objective, self.data, self.optim, self.schedule, self.train, self.log):
+            section.validate()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise RecipeError(message)
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+RECIPE_PACKAGE = "sslvit.recipes"  # recipes/ is installed as this package (see pyproject.toml)
+
+
+def list_recipes() -> list[str]:
+    """Names of the recipes that ship with sslvit, sorted."""
+    package = importlib.import_module(RECIPE_PACKAGE)
+    return sorted(m.name for m in pkgutil.iter_modules(package.__path__) if not m.name.startswith("_"))
+
+
+def load_recipe(name_or_path: str) -> Recipe:
+    """Load a recipe by name (a file in ``recipes/``) or by path to a recipe file.
+
+    Raises:
+        RecipeError: the name is unknown, or the file defines no ``RECIPE``.
+    """
+    path = Path(name_or_path)
+    if path.suffix == ".py" or os.sep in name_or_path:
+        if not path.is_file():
+            raise RecipeError(f"recipe file {name_or_path} does not exist")
+        spec = importlib.util.spec_from_file_location(f"sslvit_user_recipe_{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        name = path.stem
+    else:
+        known = list_recipes()
+        if name_or_path not in known:
+            raise RecipeError(f"unknown recipe {name_or_path!r}; known recipes: {', '.join(known)}")
+        module = importlib.import_module(f"{RECIPE_PACKAGE}.{name_or_path}")
+        name = name_or_path
+    recipe = getattr(module, "RECIPE", None)
+    if not isinstance(recipe, Recipe):
+        raise RecipeError(f"recipe file {module.__file__} must define RECIPE = Recipe(...)")
+    # A deep copy: overrides must never leak into the module-level object other recipes derive from.
+    return dataclasses.replace(_deepcopy(recipe), name=name)
+
+
+def _deepcopy(obj: Any) -> Any:
+    import copy
+
+    return copy.deepcopy(obj)
+
+
+# -------------------------------------------------------------------------------------------- overrides
+
+
+def apply_overrides(recipe: Any, overrides: list[str]) -> Any:
+    """Apply ``key=value`` overrides by dotted path, e.g. ``optim.base_lr=1e-4``, to any nested dataclass.
+
+    Raises:
+        RecipeError: the key is unknown, the value has the wrong type, or the override is malformed.
+    """
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise RecipeError(f"override {item!r} must look like section.field=value, e.g. optim.base_lr=1e-4")
+        parts = key.split(".")
+        target: Any = recipe
+        for depth, part in enumerate(parts[:-1]):
+            target = getattr(target, part, None) if dataclasses.is_dataclass(target) else None
+            if not dataclasses.is_dataclass(target):
+                raise RecipeError(f"unknown recipe key {'.'.join(parts[: depth + 1])!r} in --set {item}; {_known(recipe)}")
+        leaf = parts[-1]
+        fields = {f.name: f for f in dataclasses.fields(target)}
+        if leaf not in fields or (target is recipe and leaf == "name"):
+            raise RecipeError(f"unknown recipe key {key!r} in --set {item}; {_known(recipe)}")
+        if target is getattr(recipe, "objective", None) and leaf == "name":
+            raise RecipeError("objective.name cannot be changed with --set; pick a recipe of that objective instead")
+        hint = typing.get_type_hints(type(target))[leaf]
+        setattr(target, leaf, _parse_value(key, raw.strip(), hint))
+    return recipe
+
+
+def _known(recipe: Any) -> str:
+    keys = [k for k in _flatten(dataclasses.asdict(recipe)) if k != "name"]
+    return "known keys: " + ", ".join(keys)
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
+
+
+def _parse_value(key: str, raw: str, hint: Any) -> Any:
+    """Parse ``raw`` as the annotated type ``hint``; raise RecipeError naming ``key`` when it does not fit."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if type(None) in args and raw.lower() in ("none", "null"):
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _parse_value(key, raw, arg)
+            except RecipeError as err:
+                errors.append(str(err))
+        raise RecipeError(errors[0])
+    if origin is Literal:
+        if raw not in args:
+            raise RecipeError(f"{key}={raw!r} is not allowed; choose one of {', '.join(map(str, args))}")
+        return raw
+    if origin is tuple:
+        items = [s for s in raw.strip("()[] ").split(",") if s.strip()]
+        if len(items) != len(args):
+            raise RecipeError(f"{key} needs {len(args)} comma-separated values, got {raw!r}")
+        return tuple(_parse_value(key, s.strip(), a) for s, a in zip(items, args))
+    if hint is bool:
+        if raw.lower() in _TRUE:
+            return True
+        if raw.lower() in _FALSE:
+            return False
+        raise RecipeError(f"{key} needs true or false, got {raw!r}")
+    if hint in (int, float):
+        try:
+            value = hint(raw) if hint is float else int(raw)
+        except ValueError:
+            raise RecipeError(f"{key} needs {'an integer' if hint is int else 'a number'}, got {raw!r}") from None
+        if hint is float and not math.isfinite(value):
+            raise RecipeError(f"{key} needs a finite number, got {raw!r}")
+        return value
+    if hint is str:
+        return raw
+    raise RecipeError(f"{key} cannot be set from the command line (type {hint})")
+
+
+# ----------------------------------------------------------------------------------------- derived values
+
+
+@dataclass(frozen=True)
+class Derived:
+    """Values computed from the recipe and the launch; logged at start, never written into the recipe."""
+
+    world_size: int
+    batch_size_per_device: int
+    grad_accum_steps: int
+    global_batch_size: int
+    lr: float
+    num_samples: int | None
+    steps_per_epoch: int | None
+    total_steps: int | None
+    warmup_steps: int | None
+    epochs: int
+
+
+def derive(recipe: Recipe, world_size: int, num_samples: int | None) -> Derived:
+    """Compute global batch, accumulation, absolute lr and step counts.
+
+    Args:
+        recipe: the resolved recipe.
+        world_size: number of training processes.
+        num_samples: images per epoch, or None when unknown (streaming data, or not yet counted).
+
+    Raises:
+        RecipeError: the global batch cannot be split evenly over the processes.
+    """
+    per_device = recipe.train.batch_size_per_device
+    if recipe.train.global_batch_size == 0:
+        accum, global_batch = 1, world_size * per_device
+    else:
+        global_batch = recipe.train.global_batch_size
+        accum, rest = divmod(global_batch, world_size * per_device)
+        if rest or accum == 0:
+            raise RecipeError(
+                f"train.global_batch_size={global_batch} is not a multiple of {world_size} process(es) x "
+                f"train.batch_size_per_device={per_device}; change one of them (or set train.global_batch_size=0 "
+                "for no gradient accumulation)"
+            )
+    steps_per_epoch = None if num_samples is None else num_samples // global_batch
+    total = recipe.train.max_steps or (steps_per_epoch * recipe.schedule.epochs if steps_per_epoch else None)
+    # With train.max_steps the whole schedule (warmup included) is compressed into max_steps.
+    warmup = None if total is None else round(total * recipe.schedule.warmup_epochs / recipe.schedule.epochs)
+    return Derived(
+        world_size=world_size,
+        batch_size_per_device=per_device,
+        grad_accum_steps=accum,
+        global_batch_size=global_batch,
+        lr=recipe.optim.base_lr * global_batch / 256,
+        num_samples=num_samples,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total,
+        warmup_steps=warmup,
+        epochs=recipe.schedule.epochs,
+    )
+
+
+def resolved_json(recipe: Recipe, derived: Derived | None = None) -> str:
+    """The resolved recipe (and derived values, when given) as indented JSON."""
+    tree = recipe.to_dict()
+    if derived is not None:
+        tree["derived"] = dataclasses.asdict(derived)
+    return json.dumps(tree, indent=2)

@@ -1,0 +1,271 @@
+"""The pretraining loop on Hugging Face Accelerate, the same for every objective.
+
+One code path from a laptop CPU to many GPUs: Accelerate handles devices, DDP/FSDP, mixed precision,
+gradient accumulation, checkpoint state and the TensorBoard tracker. The loop reads top to bottom:
+build -> resume -> for each step: schedules, forward/backward, optimizer, objective hooks, log, checkpoint
+-> export the encoder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections import Counter
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, ProjectConfiguration, set_seed
+from tqdm.auto import tqdm
+
+from sslvit import data
+from sslvit.backbone import build_vit, model_args
+from sslvit.checkpoint import export_encoder, latest_checkpoint, read_trainer_state, save_checkpoint
+from sslvit.errors import DataError
+from sslvit.objectives import OBJECTIVES, Objective, Progress
+from sslvit.recipe import Derived, Recipe, derive, resolved_json
+
+log = logging.getLogger("sslvit")
+
+
+def warmup_cosine(step: int, total: int, warmup: int, base: float, final: float, start: float = 0.0) -> float:
+    """Linear warmup from ``start`` to ``base`` over ``warmup`` steps, then a half-cycle cosine to ``final``.
+
+    The per-iteration schedule of facebookresearch/mae (util/lr_sched.py) and dino (utils.cosine_scheduler).
+    lightly's ``cosine_warmup_schedule`` is close but starts warmup at ``(step + 1) / warmup`` and ends the
+    cosine one step early, so it is not used here.
+    """
+    if step < warmup:
+        return start + (base - start) * step / warmup
+    progress = (step - warmup) / max(total - warmup, 1)
+    return final + (base - final) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def pretrain(recipe: Recipe, run_dir: Path) -> dict[str, Any]:
+    """Pretrain ``recipe`` into ``run_dir``; resume from its newest checkpoint if there is one.
+
+    Returns:
+        A summary: steps, images/s, final loss, the run folder and the export folder.
+    """
+    recipe.validate()
+    accum = derive(recipe, _world_size(), None).grad_accum_steps
+    accelerator = Accelerator(
+        mixed_precision=recipe.train.precision,
+        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=accum, sync_with_dataloader=False),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=recipe.train.seed),
+        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir)),
+        log_with="tensorboard",
+    )
+    set_seed(recipe.train.seed)
+    objective_cls = OBJECTIVES[recipe.objective.name]
+    encoder = build_vit(recipe.model, **objective_cls.backbone_kwargs(recipe.objective))
+    objective = objective_cls(encoder, recipe.objective)
+    dataset = data.TransformedImages(data.open_source(recipe.data), objective.views())
+    derived = derive(recipe, accelerator.num_processes, len(dataset))
+    if not derived.steps_per_epoch:
+        raise DataError(
+            f"data.path={recipe.data.path} has {len(dataset)} images, fewer than one global batch of "
+            f"{derived.global_batch_size}; lower train.global_batch_size / train.batch_size_per_device"
+        )
+    _start_run_folder(accelerator, recipe, derived, run_dir, dataset)
+    loader = data.make_loader(
+        dataset, derived.batch_size_per_device, shuffle=True, drop_last=True, cfg=recipe.data, seed=recipe.train.seed
+    )
+    optimizer = torch.optim.AdamW(objective.param_groups(recipe.optim.weight_decay), lr=derived.lr,
+                                  betas=recipe.optim.betas)
+    model, optimizer, loader = accelerator.prepare(objective, optimizer, loader)
+    accelerator.init_trackers("tensorboard", config=_hparams(recipe, derived))
+    step = _resume(accelerator, run_dir)
+    vis_batch = _fixed_batch(dataset, recipe.log.num_images, accelerator.device)
+    summary = _train_loop(accelerator, model, optimizer, loader, recipe, derived, run_dir, step, vis_batch)
+    unwrapped: Objective = accelerator.unwrap_model(model)
+    if accelerator.is_main_process:
+        info = _encoder_info(unwrapped, recipe)
+        export_encoder(unwrapped.encoder_for_export(), info["architecture"], info["model_args"], run_dir / "encoder")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return {**summary, "run_dir": str(run_dir), "encoder": str(run_dir / "encoder")}
+
+
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _start_run_folder(accelerator: Accelerator, recipe: Recipe, derived: Derived, run_dir: Path, dataset) -> None:
+    """Write config.json (warn when it differs from an earlier run's) and log the derived values."""
+    if not accelerator.is_main_process:
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_file = run_dir / "config.json"
+    text = resolved_json(recipe, derived)
+    if config_file.is_file():
+        old, new = json.loads(config_file.read_text()), json.loads(text)
+        changed = sorted(k for k in {**old, **new} if old.get(k) != new.get(k) and k != "derived")
+        if changed:
+            log.warning("this run folder was started with a different recipe; sections changed: %s", changed)
+    config_file.write_text(text + "\n")
+    log.info("data: %s", dataset.source.description)
+    log.info(
+        "%d process(es) x %d images x %d accumulation = global batch %d; lr %.3g (base_lr %.3g x %d / 256); "
+        "%d steps/epoch, %d steps in all (%d warmup)",
+        derived.world_size, derived.batch_size_per_device, derived.grad_accum_steps, derived.global_batch_size,
+        derived.lr, recipe.optim.base_lr, derived.global_batch_size, derived.steps_per_epoch, derived.total_steps,
+        derived.warmup_steps,
+    )  # fmt: skip
+
+
+def _hparams(recipe: Recipe, derived: Derived) -> dict[str, Any]:
+    """Flat scalar hyperparameters for TensorBoard's HPARAMS tab."""
+    flat: dict[str, Any] = {}
+    for section, values in {**recipe.to_dict(), "derived": asdict(derived)}.items():
+        for key, value in values.items() if isinstance(values, dict) else [(section, values)]:
+            name = f"{section}.{key}" if isinstance(values, dict) else section
+            flat[name] = value if isinstance(value, int | float | str | bool) else str(value)
+    return flat
+
+
+def _resume(accelerator: Accelerator, run_dir: Path) -> int:
+    """Load the newest complete checkpoint, if any; return the number of optimisation steps already done."""
+    checkpoint = latest_checkpoint(run_dir / "checkpoints")
+    if checkpoint is None:
+        return 0
+    accelerator.load_state(str(checkpoint))
+    step = int(read_trainer_state(checkpoint)["step"])
+    if accelerator.is_main_process:
+        log.info("resuming from %s (step %d)", checkpoint, step)
+    return step
+
+
+def _fixed_batch(dataset: data.TransformedImages, n: int, device: torch.device) -> dict[str, Any] | None:
+    """The same few images for every visualisation, so TensorBoard shows progress on fixed inputs."""
+    items = [dataset[i] for i in range(min(n, len(dataset)))]
+    batch = data.collate_skipping(items)
+    if batch["views"] is None:
+        return None
+    views = batch["views"]
+    batch["views"] = [v.to(device) for v in views] if isinstance(views, list) else views.to(device)
+    return batch
+
+
+def _apply_schedules(optimizer: torch.optim.Optimizer, recipe: Recipe, derived: Derived, step: int) -> dict[str, float]:
+    """Set this step's learning rate and weight decay on every parameter group; return them for logging."""
+    lr = warmup_cosine(
+        step, derived.total_steps, derived.warmup_steps, derived.lr, recipe.optim.min_lr, recipe.optim.warmup_start_lr
+    )
+    wd = recipe.optim.weight_decay
+    if recipe.optim.weight_decay_end is not None:
+        wd = warmup_cosine(step, derived.total_steps, 0, wd, recipe.optim.weight_decay_end)
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+        if group["weight_decay"] > 0:  # groups without decay (biases, norms, tokens) stay at 0
+            group["weight_decay"] = wd
+    return {"lr": lr, "weight_decay": wd}
+
+
+def _train_loop(accelerator, model, optimizer, loader, recipe, derived, run_dir, step, vis_batch) -> dict[str, Any]:
+    objective: Objective = accelerator.unwrap_model(model)
+    encoder_info = _encoder_info(objective, recipe)
+    total, accum, spe = derived.total_steps, derived.grad_accum_steps, derived.steps_per_epoch
+    epoch, done_in_epoch = divmod(step, spe)
+    bar = tqdm(total=total, initial=step, disable=not accelerator.is_local_main_process, desc="pretrain")
+    window: dict[str, torch.Tensor] = {}
+    skipped: Counter[str] = Counter()
+    last_log, log_step, last = time.perf_counter(), step, {}
+    model.train()
+    while step < total:
+        loader.set_epoch(epoch)
+        batches = accelerator.skip_first_batches(loader, done_in_epoch * accum) if done_in_epoch else loader
+        for micro, batch in enumerate(batches, start=done_in_epoch * accum):
+            if micro >= spe * accum or step >= total:
+                break  # the epoch ends on a whole optimisation step
+            if batch["views"] is None:
+                raise DataError("every image of a batch failed to decode; check the data (see the skipped counts)")
+            skipped.update(batch["skipped"])
+            progress = Progress(step, total, recipe.schedule.epochs)
+            if micro % accum == 0:
+                scheduled = _apply_schedules(optimizer, recipe, derived, step)
+                objective.before_step(progress)
+            with accelerator.accumulate(model):
+                out = model(batch)
+                accelerator.backward(out["loss"])
+                grad_norm = None
+                if accelerator.sync_gradients:
+                    objective.after_backward(progress)
+                    if recipe.optim.clip_grad or (step + 1) % recipe.log.every == 0:
+                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), recipe.optim.clip_grad or math.inf)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            for key, value in out.items():  # summed on device: no host sync per step
+                window[key] = window.get(key, 0.0) + value.detach().float()
+            if not accelerator.sync_gradients:
+                continue
+            scheduled.update(objective.after_step(progress))
+            step += 1
+            bar.update(1)
+            if step % recipe.log.every == 0 or step == total:
+                now = time.perf_counter()
+                images_per_s = (step - log_step) * derived.global_batch_size / (now - last_log)
+                last = _log_scalars(accelerator, window, step, step - log_step, accum, scheduled, grad_norm, images_per_s)
+                bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{images_per_s:.0f}")
+                window, last_log, log_step = {}, now, step
+            if recipe.log.image_every and vis_batch is not None and step % recipe.log.image_every == 0:
+                _log_images(accelerator, objective, vis_batch, step)
+            if step % recipe.train.checkpoint_every == 0 or step == total:
+                state = {"step": step, "epoch": epoch, "recipe": recipe.name, **encoder_info}
+                save_checkpoint(accelerator, run_dir / "checkpoints", step, recipe.train.keep_checkpoints, state)
+        _report_skipped(accelerator, skipped, epoch, step)
+        skipped.clear()
+        epoch, done_in_epoch = epoch + 1, 0
+    bar.close()
+    return {"steps": step, "final_loss": last.get("loss"), "images_per_s": last.get("images_per_s")}
+
+
+def _encoder_info(objective: Objective, recipe: Recipe) -> dict[str, Any]:
+    """What evaluation needs to rebuild the exported encoder from a training checkpoint, objective-free."""
+    encoder = objective.encoder_for_export()
+    prefix = next(name for name, module in objective.named_modules() if module is encoder)
+    return {
+        "architecture": recipe.model.name,
+        "model_args": model_args(recipe.model, **type(objective).backbone_kwargs(recipe.objective)),
+        "encoder_prefix": f"{prefix}.",
+    }
+
+
+def _log_scalars(accelerator, window, step, steps, accum, scheduled, grad_norm, images_per_s) -> dict[str, float]:
+    """Average the window's sums over steps and processes, then log them: one host sync per log step."""
+    keys = sorted(window)
+    means = accelerator.reduce(torch.stack([window[k] for k in keys]) / (steps * accum), reduction="mean")
+    values = {f"train/{k}": v for k, v in zip(keys, means.tolist())}
+    values.update({f"train/{k}": v for k, v in scheduled.items()})
+    values["train/images_per_s"] = images_per_s
+    if grad_norm is not None:
+        values["train/grad_norm"] = float(grad_norm)
+    accelerator.log(values, step=step)
+    return {k.removeprefix("train/"): v for k, v in values.items()}
+
+
+def _log_images(accelerator: Accelerator, objective: Objective, batch: dict[str, Any], step: int) -> None:
+    """Log the objective's visualisations of the fixed batch (main process only, eval mode, no grad)."""
+    if not accelerator.is_main_process:
+        return
+    objective.eval()
+    with torch.no_grad(), accelerator.autocast():
+        images = objective.visualize(batch)
+    objective.train()
+    writer = accelerator.get_tracker("tensorboard", unwrap=True)
+    for tag, image in images.items():
+        writer.add_image(tag, image.float().clamp(0, 1).cpu(), step)
+
+
+def _report_skipped(accelerator: Accelerator, skipped: Counter, epoch: int, step: int) -> None:
+    """Say how many samples were skipped this epoch (all processes) and why (main process's reasons)."""
+    total = int(accelerator.reduce(torch.tensor(sum(skipped.values()), device=accelerator.device), "sum"))
+    accelerator.log({"data/skipped": total}, step=step)
+    if total and accelerator.is_main_process:
+        reasons = ", ".join(f"{reason}: {n}" for reason, n in skipped.most_common())
+        log.warning("epoch %d: skipped %d undecodable sample(s) (%s on the main process)", epoch, total, reasons)
