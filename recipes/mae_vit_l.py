@@ -12,7 +12,8 @@ Launch:
 
 from dataclasses import replace
 
-from sslvit.recipe import ModelConfig
 from sslvit.recipes.mae_vit_b import RECIPE as MAE_VIT_B
+
+from sslvit.recipe import ModelConfig
 
 RECIPE = replace(MAE_VIT_B, model=ModelConfig(name="vit_large_patch16_224", img_size=224, patch_size=16))

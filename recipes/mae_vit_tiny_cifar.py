@@ -14,9 +14,10 @@ Launch:
 
 from dataclasses import replace
 
+from sslvit.recipes.mae_vit_b import RECIPE as MAE_VIT_B
+
 from sslvit.objectives.mae import MAEConfig
 from sslvit.recipe import DataConfig, ModelConfig, ScheduleConfig, TrainConfig
-from sslvit.recipes.mae_vit_b import RECIPE as MAE_VIT_B
 
 RECIPE = replace(
     MAE_VIT_B,

@@ -86,8 +86,9 @@ def export_encoder(encoder: torch.nn.Module, architecture: str, args: dict[str, 
     # Our own preprocessing and provenance, not the defaults of the timm weights tag the name points at.
     data_config = {"mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD, "interpolation": "bicubic"}
     provenance = {"pretrained_cfg": {"tag": "sslvit", "license": None, "hf_hub_id": None}}
-    save_for_hf(encoder, str(tmp), model_config=provenance, model_args=args, data_config=data_config,
-                safe_serialization=True)
+    save_for_hf(
+        encoder, str(tmp), model_config=provenance, model_args=args, data_config=data_config, safe_serialization=True
+    )
     config = json.loads((tmp / "config.json").read_text())
     if config.get("architecture") != architecture:
         raise CheckpointError(f"timm recorded architecture {config.get('architecture')!r}, expected {architecture!r}")
@@ -137,8 +138,9 @@ def encoder_from_checkpoint(checkpoint: Path) -> torch.nn.Module:
     model = timm.create_model(state["architecture"], pretrained=False, **state["model_args"])
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     if missing or unexpected:
-        raise CheckpointError(f"{weights} does not fit {state['architecture']}: missing {missing[:8]}, "
-                              f"unexpected {unexpected[:8]}")
+        raise CheckpointError(
+            f"{weights} does not fit {state['architecture']}: missing {missing[:8]}, unexpected {unexpected[:8]}"
+        )
     return model.eval()
 
 

@@ -243,7 +243,9 @@ def apply_overrides(recipe: Any, overrides: list[str]) -> Any:
         for depth, part in enumerate(parts[:-1]):
             target = getattr(target, part, None) if dataclasses.is_dataclass(target) else None
             if not dataclasses.is_dataclass(target):
-                raise RecipeError(f"unknown recipe key {'.'.join(parts[: depth + 1])!r} in --set {item}; {_known(recipe)}")
+                raise RecipeError(
+                    f"unknown recipe key {'.'.join(parts[: depth + 1])!r} in --set {item}; {_known(recipe)}"
+                )
         leaf = parts[-1]
         fields = {f.name: f for f in dataclasses.fields(target)}
         if leaf not in fields or (target is recipe and leaf == "name"):

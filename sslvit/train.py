@@ -76,13 +76,14 @@ def pretrain(recipe: Recipe, run_dir: Path) -> dict[str, Any]:
     loader = data.make_loader(
         dataset, derived.batch_size_per_device, shuffle=True, drop_last=True, cfg=recipe.data, seed=recipe.train.seed
     )
-    optimizer = torch.optim.AdamW(objective.param_groups(recipe.optim.weight_decay), lr=derived.lr,
-                                  betas=recipe.optim.betas)
+    optimizer = torch.optim.AdamW(
+        objective.param_groups(recipe.optim.weight_decay), lr=derived.lr, betas=recipe.optim.betas
+    )
     model, optimizer, loader = accelerator.prepare(objective, optimizer, loader)
     accelerator.init_trackers("tensorboard", config=_hparams(recipe, derived))
-    step = _resume(accelerator, run_dir)
+    resumed = _resume(accelerator, run_dir)
     vis_batch = _fixed_batch(dataset, recipe.log.num_images, accelerator.device)
-    summary = _train_loop(accelerator, model, optimizer, loader, recipe, derived, run_dir, step, vis_batch)
+    summary = _train_loop(accelerator, model, optimizer, loader, recipe, derived, run_dir, resumed, vis_batch)
     unwrapped: Objective = accelerator.unwrap_model(model)
     if accelerator.is_main_process:
         info = _encoder_info(unwrapped, recipe)
@@ -129,16 +130,16 @@ def _hparams(recipe: Recipe, derived: Derived) -> dict[str, Any]:
     return flat
 
 
-def _resume(accelerator: Accelerator, run_dir: Path) -> int:
-    """Load the newest complete checkpoint, if any; return the number of optimisation steps already done."""
+def _resume(accelerator: Accelerator, run_dir: Path) -> dict[str, Any]:
+    """Load the newest complete checkpoint, if any; return its trainer state (``step`` = steps already done)."""
     checkpoint = latest_checkpoint(run_dir / "checkpoints")
     if checkpoint is None:
-        return 0
+        return {"step": 0}
     accelerator.load_state(str(checkpoint))
-    step = int(read_trainer_state(checkpoint)["step"])
+    state = read_trainer_state(checkpoint)
     if accelerator.is_main_process:
-        log.info("resuming from %s (step %d)", checkpoint, step)
-    return step
+        log.info("resuming from %s (step %d)", checkpoint, state["step"])
+    return state
 
 
 def _fixed_batch(dataset: data.TransformedImages, n: int, device: torch.device) -> dict[str, Any] | None:
@@ -167,15 +168,17 @@ def _apply_schedules(optimizer: torch.optim.Optimizer, recipe: Recipe, derived: 
     return {"lr": lr, "weight_decay": wd}
 
 
-def _train_loop(accelerator, model, optimizer, loader, recipe, derived, run_dir, step, vis_batch) -> dict[str, Any]:
+def _train_loop(accelerator, model, optimizer, loader, recipe, derived, run_dir, resumed, vis_batch) -> dict[str, Any]:
     objective: Objective = accelerator.unwrap_model(model)
+    step, last = resumed["step"], resumed.get("last_log", {})
     encoder_info = _encoder_info(objective, recipe)
     total, accum, spe = derived.total_steps, derived.grad_accum_steps, derived.steps_per_epoch
     epoch, done_in_epoch = divmod(step, spe)
     bar = tqdm(total=total, initial=step, disable=not accelerator.is_local_main_process, desc="pretrain")
     window: dict[str, torch.Tensor] = {}
     skipped: Counter[str] = Counter()
-    last_log, log_step, last = time.perf_counter(), step, {}
+    last_log, log_step = time.perf_counter(), step
+    started, first_step = last_log, step
     model.train()
     while step < total:
         loader.set_epoch(epoch)
@@ -210,19 +213,23 @@ def _train_loop(accelerator, model, optimizer, loader, recipe, derived, run_dir,
             if step % recipe.log.every == 0 or step == total:
                 now = time.perf_counter()
                 images_per_s = (step - log_step) * derived.global_batch_size / (now - last_log)
-                last = _log_scalars(accelerator, window, step, step - log_step, accum, scheduled, grad_norm, images_per_s)
+                last = _log_scalars(
+                    accelerator, window, step, step - log_step, accum, scheduled, grad_norm, images_per_s
+                )
                 bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{images_per_s:.0f}")
                 window, last_log, log_step = {}, now, step
             if recipe.log.image_every and vis_batch is not None and step % recipe.log.image_every == 0:
                 _log_images(accelerator, objective, vis_batch, step)
             if step % recipe.train.checkpoint_every == 0 or step == total:
-                state = {"step": step, "epoch": epoch, "recipe": recipe.name, **encoder_info}
+                state = {"step": step, "epoch": epoch, "recipe": recipe.name, "last_log": last, **encoder_info}
                 save_checkpoint(accelerator, run_dir / "checkpoints", step, recipe.train.keep_checkpoints, state)
         _report_skipped(accelerator, skipped, epoch, step)
         skipped.clear()
         epoch, done_in_epoch = epoch + 1, 0
     bar.close()
-    return {"steps": step, "final_loss": last.get("loss"), "images_per_s": last.get("images_per_s")}
+    ran = step - first_step  # steps this invocation ran (0 when the run was already complete)
+    images_per_s = ran * derived.global_batch_size / (time.perf_counter() - started) if ran else None
+    return {"steps": step, "steps_this_run": ran, "final_loss": last.get("loss"), "images_per_s": images_per_s}
 
 
 def _encoder_info(objective: Objective, recipe: Recipe) -> dict[str, Any]:

@@ -1,0 +1,41 @@
+"""Shared fixtures: tiny recipes that train in seconds on a CPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sslvit.recipe import Recipe, apply_overrides, load_recipe
+
+SHARED_CIFAR10 = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
+
+TINY_MODEL = ["model.depth=2", "model.embed_dim=64", "model.num_heads=2", "model.img_size=32", "model.patch_size=4"]
+
+
+def tiny_recipe(name: str = "quickstart", *overrides: str) -> Recipe:
+    """A shipped recipe shrunk to a depth-2, width-64 ViT on 32 px digits, 16 images per step."""
+    base = [
+        *TINY_MODEL,
+        "data.path=digits",
+        "data.num_workers=0",
+        "train.global_batch_size=16",
+        "train.batch_size_per_device=16",
+        "train.precision=no",
+        "train.max_steps=2",
+        "log.every=1",
+        "log.image_every=1",
+        "log.num_images=2",
+    ]
+    if name == "quickstart":
+        base += ["objective.decoder_embed_dim=32", "objective.decoder_depth=1", "objective.decoder_num_heads=2"]
+    recipe = apply_overrides(load_recipe(name), [*base, *overrides])
+    recipe.validate()
+    return recipe
+
+
+@pytest.fixture
+def cifar10() -> Path:
+    if not SHARED_CIFAR10.is_dir():
+        pytest.skip("the shared CIFAR-10 copy (../shared/data/cifar10) is not present")
+    return SHARED_CIFAR10
