@@ -8,29 +8,39 @@ build -> resume -> for each step: schedules, forward/backward, optimizer, object
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
 import os
 import time
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, ProjectConfiguration, set_seed
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    GradientAccumulationPlugin,
+    ProjectConfiguration,
+    send_to_device,
+    set_seed,
+)
 from tqdm.auto import tqdm
 
 from sslvit import data
 from sslvit.backbone import build_vit, model_args
 from sslvit.checkpoint import export_encoder, latest_checkpoint, read_trainer_state, save_checkpoint
-from sslvit.errors import DataError
+from sslvit.errors import DataError, RecipeError
 from sslvit.objectives import OBJECTIVES, Objective, Progress
 from sslvit.recipe import Derived, Recipe, derive, resolved_json
 
 log = logging.getLogger("sslvit")
+
+STREAM_SHUFFLE_BUFFER = 10_000  # images held for shuffling a streamed dataset (the usual webdataset-style size)
 
 
 def warmup_cosine(step: int, total: int, warmup: int, base: float, final: float, start: float = 0.0) -> float:
@@ -55,34 +65,47 @@ def pretrain(recipe: Recipe, run_dir: Path) -> dict[str, Any]:
     recipe.validate()
     accum = derive(recipe, _world_size(), None).grad_accum_steps
     accelerator = Accelerator(
+        # Without cpu=True, Accelerate ignores a multi-process launch on a machine with no GPU (each process
+        # would train alone); with it, the processes join one gloo group.
+        cpu=not _has_accelerator(),
         mixed_precision=recipe.train.precision,
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=accum, sync_with_dataloader=False),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=recipe.train.seed),
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir)),
         log_with="tensorboard",
     )
+    if accelerator.num_processes != _world_size():
+        raise RuntimeError(f"launched {_world_size()} processes but Accelerate joined {accelerator.num_processes}")
     set_seed(recipe.train.seed)
     objective_cls = OBJECTIVES[recipe.objective.name]
     encoder = build_vit(recipe.model, **objective_cls.backbone_kwargs(recipe.objective))
     objective = objective_cls(encoder, recipe.objective)
-    dataset = data.TransformedImages(data.open_source(recipe.data), objective.views())
-    derived = derive(recipe, accelerator.num_processes, len(dataset))
-    if not derived.steps_per_epoch:
+    dataset, description, num_samples = _open_data(recipe, objective, accelerator)
+    derived = derive(recipe, accelerator.num_processes, num_samples)
+    if num_samples is not None and not derived.steps_per_epoch:
         raise DataError(
-            f"data.path={recipe.data.path} has {len(dataset)} images, fewer than one global batch of "
+            f"data.path={recipe.data.path} has {num_samples} images, fewer than one global batch of "
             f"{derived.global_batch_size}; lower train.global_batch_size / train.batch_size_per_device"
         )
-    _start_run_folder(accelerator, recipe, derived, run_dir, dataset)
+    _start_run_folder(accelerator, recipe, derived, run_dir, description)
     loader = data.make_loader(
-        dataset, derived.batch_size_per_device, shuffle=True, drop_last=True, cfg=recipe.data, seed=recipe.train.seed
+        dataset,
+        derived.batch_size_per_device,
+        shuffle=not recipe.data.streaming,  # a stream is shuffled in its own buffer
+        drop_last=True,
+        cfg=recipe.data,
+        seed=recipe.train.seed,
     )
     optimizer = torch.optim.AdamW(
         objective.param_groups(recipe.optim.weight_decay), lr=derived.lr, betas=recipe.optim.betas
     )
-    model, optimizer, loader = accelerator.prepare(objective, optimizer, loader)
+    if recipe.data.streaming:  # already split over processes by the stream itself: Accelerate must not re-shard it
+        model, optimizer = accelerator.prepare(objective, optimizer)
+    else:
+        model, optimizer, loader = accelerator.prepare(objective, optimizer, loader)
     accelerator.init_trackers("tensorboard", config=_hparams(recipe, derived))
     resumed = _resume(accelerator, run_dir)
-    vis_batch = _fixed_batch(dataset, recipe.log.num_images, accelerator.device)
+    vis_batch = _fixed_batch(dataset, recipe.log.num_images, accelerator.device, recipe.data.streaming)
     summary = _train_loop(accelerator, model, optimizer, loader, recipe, derived, run_dir, resumed, vis_batch)
     unwrapped: Objective = accelerator.unwrap_model(model)
     if accelerator.is_main_process:
@@ -93,11 +116,30 @@ def pretrain(recipe: Recipe, run_dir: Path) -> dict[str, Any]:
     return {**summary, "run_dir": str(run_dir), "encoder": str(run_dir / "encoder")}
 
 
+def _has_accelerator() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    return torch.cuda.is_available() or bool(mps and mps.is_available())
+
+
 def _world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def _start_run_folder(accelerator: Accelerator, recipe: Recipe, derived: Derived, run_dir: Path, dataset) -> None:
+def _open_data(recipe: Recipe, objective: Objective, accelerator: Accelerator) -> tuple[Any, str, int | None]:
+    """The training images with the objective's views -> (dataset, description, images per epoch or None)."""
+    if not recipe.data.streaming:
+        dataset = data.TransformedImages(data.open_source(recipe.data), objective.views())
+        return dataset, dataset.source.description, len(dataset)
+    if not recipe.train.max_steps:
+        raise RecipeError("data.streaming=true gives no epoch length: set train.max_steps as well")
+    stream = data.open_stream(
+        recipe.data, None, objective.views(), accelerator.process_index, accelerator.num_processes,
+        shuffle_buffer=STREAM_SHUFFLE_BUFFER, seed=recipe.train.seed,
+    )  # fmt: skip
+    return stream, stream.description, None
+
+
+def _start_run_folder(accelerator: Accelerator, recipe: Recipe, derived: Derived, run_dir: Path, data_desc) -> None:
     """Write config.json (warn when it differs from an earlier run's) and log the derived values."""
     if not accelerator.is_main_process:
         return
@@ -110,7 +152,7 @@ def _start_run_folder(accelerator: Accelerator, recipe: Recipe, derived: Derived
         if changed:
             log.warning("this run folder was started with a different recipe; sections changed: %s", changed)
     config_file.write_text(text + "\n")
-    log.info("data: %s", dataset.source.description)
+    log.info("data: %s", data_desc)
     log.info(
         "%d process(es) x %d images x %d accumulation = global batch %d; lr %.3g (base_lr %.3g x %d / 256); "
         "%d steps/epoch, %d steps in all (%d warmup)",
@@ -142,9 +184,9 @@ def _resume(accelerator: Accelerator, run_dir: Path) -> dict[str, Any]:
     return state
 
 
-def _fixed_batch(dataset: data.TransformedImages, n: int, device: torch.device) -> dict[str, Any] | None:
+def _fixed_batch(dataset: Any, n: int, device: torch.device, streaming: bool) -> dict[str, Any] | None:
     """The same few images for every visualisation, so TensorBoard shows progress on fixed inputs."""
-    items = [dataset[i] for i in range(min(n, len(dataset)))]
+    items = list(itertools.islice(dataset, n)) if streaming else [dataset[i] for i in range(min(n, len(dataset)))]
     batch = data.collate_skipping(items)
     if batch["views"] is None:
         return None
@@ -172,8 +214,8 @@ def _train_loop(accelerator, model, optimizer, loader, recipe, derived, run_dir,
     objective: Objective = accelerator.unwrap_model(model)
     step, last = resumed["step"], resumed.get("last_log", {})
     encoder_info = _encoder_info(objective, recipe)
-    total, accum, spe = derived.total_steps, derived.grad_accum_steps, derived.steps_per_epoch
-    epoch, done_in_epoch = divmod(step, spe)
+    total, accum, spe = derived.total_steps, derived.grad_accum_steps, derived.steps_per_epoch or derived.total_steps
+    epoch, done_in_epoch = divmod(step, spe)  # a stream has no epochs: spe = total, and it restarts when it ends
     bar = tqdm(total=total, initial=step, disable=not accelerator.is_local_main_process, desc="pretrain")
     window: dict[str, torch.Tensor] = {}
     skipped: Counter[str] = Counter()
@@ -181,8 +223,7 @@ def _train_loop(accelerator, model, optimizer, loader, recipe, derived, run_dir,
     started, first_step = last_log, step
     model.train()
     while step < total:
-        loader.set_epoch(epoch)
-        batches = accelerator.skip_first_batches(loader, done_in_epoch * accum) if done_in_epoch else loader
+        batches = _epoch_batches(accelerator, loader, epoch, done_in_epoch * accum, recipe.data.streaming)
         for micro, batch in enumerate(batches, start=done_in_epoch * accum):
             if micro >= spe * accum or step >= total:
                 break  # the epoch ends on a whole optimisation step
@@ -230,6 +271,15 @@ def _train_loop(accelerator, model, optimizer, loader, recipe, derived, run_dir,
     ran = step - first_step  # steps this invocation ran (0 when the run was already complete)
     images_per_s = ran * derived.global_batch_size / (time.perf_counter() - started) if ran else None
     return {"steps": step, "steps_this_run": ran, "final_loss": last.get("loss"), "images_per_s": images_per_s}
+
+
+def _epoch_batches(accelerator: Accelerator, loader, epoch: int, skip: int, streaming: bool) -> Iterable[dict]:
+    """The batches of one epoch on the training device, the first ``skip`` left out (resume mid-epoch)."""
+    if streaming:  # not prepared by Accelerate (see pretrain): skip by reading, move to the device here
+        loader.dataset.set_epoch(epoch)
+        return (send_to_device(b, accelerator.device) for b in itertools.islice(loader, skip, None))
+    loader.set_epoch(epoch)
+    return accelerator.skip_first_batches(loader, skip) if skip else loader
 
 
 def _encoder_info(objective: Objective, recipe: Recipe) -> dict[str, Any]:

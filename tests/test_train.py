@@ -16,6 +16,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from sslvit.backbone import build_vit
 from sslvit.checkpoint import complete_checkpoints, read_trainer_state
+from sslvit.errors import DataError, RecipeError
 from sslvit.objectives import MAE
 from sslvit.train import pretrain, warmup_cosine
 from tests.conftest import TINY_MODEL, tiny_recipe
@@ -91,8 +92,31 @@ def test_killed_run_resumes_when_the_same_command_runs_again(tmp_path):
 
 
 def test_too_little_data_for_one_batch_is_a_clear_error(tmp_path):
-    from sslvit.errors import DataError
 
     recipe = tiny_recipe("quickstart", "train.global_batch_size=4096", "train.batch_size_per_device=16")
     with pytest.raises(DataError, match="fewer than one global batch of 4096"):
         pretrain(recipe, tmp_path)
+
+
+def test_streaming_parquet_trains_for_max_steps(tmp_path):
+    from tests.test_data import _write_parquet
+
+    _write_parquet(tmp_path / "data", "train", [_png(i) for i in range(40)], [i % 3 for i in range(40)])
+    recipe = tiny_recipe("quickstart", f"data.path={tmp_path / 'data'}", "data.streaming=true", "train.max_steps=3")
+    summary = pretrain(recipe, tmp_path / "run")
+    assert summary["steps"] == 3 and (tmp_path / "run" / "encoder" / "model.safetensors").is_file()
+    with pytest.raises(RecipeError, match="set train.max_steps"):
+        pretrain(tiny_recipe("quickstart", f"data.path={tmp_path / 'data'}", "data.streaming=true",
+                             "train.max_steps=0"), tmp_path / "run2")  # fmt: skip
+
+
+def _png(seed: int) -> bytes:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 255, (32, 32, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
