@@ -11,6 +11,7 @@ import contextlib
 import glob
 import io
 import os
+import random
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -362,12 +363,41 @@ def count_samples(cfg: DataConfig, split: str | None = None) -> int | None:
     return None
 
 
-class TransformedImages(Dataset):
-    """``dataset[i]`` is ``(transform(rgb_image), label)``, or :class:`Skipped` when the record cannot be decoded."""
+@contextlib.contextmanager
+def seeded_rng(*key: int) -> Iterator[None]:
+    """Run the block with torch (CPU), numpy and python RNGs seeded from ``key``, then restore them.
 
-    def __init__(self, source: ImageSource, transform: Callable[[Image.Image], Any]):
+    Augmentations drawn this way depend only on (seed, epoch, sample index): not on which worker decodes the
+    sample, nor on batches skipped when a run resumes mid-epoch, nor on the main process's RNG (masking).
+    """
+    seed = int(np.random.SeedSequence([k & 0xFFFFFFFF for k in key]).generate_state(1)[0])
+    torch_state, np_state, py_state = torch.get_rng_state(), np.random.get_state(), random.getstate()
+    torch.random.default_generator.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+    try:
+        yield
+    finally:
+        torch.set_rng_state(torch_state)
+        np.random.set_state(np_state)
+        random.setstate(py_state)
+
+
+class TransformedImages(Dataset):
+    """``dataset[i]`` is ``(transform(rgb_image), label)``, or :class:`Skipped` when the record cannot be decoded.
+
+    With ``seed`` set, each sample's augmentation is drawn from an RNG keyed by (seed, epoch, index), so a
+    resumed run reproduces the uninterrupted one exactly; call :meth:`set_epoch` at the start of each epoch.
+    """
+
+    def __init__(self, source: ImageSource, transform: Callable[[Image.Image], Any], seed: int | None = None):
         self.source = source
         self.transform = transform
+        self.seed = seed
+        self._epoch = torch.zeros((), dtype=torch.long).share_memory_()  # shared: persistent workers see set_epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch.fill_(epoch)
 
     def __len__(self) -> int:
         return len(self.source)
@@ -377,7 +407,10 @@ class TransformedImages(Dataset):
             image, label = self.source.load(index)
         except BadSample as e:
             return Skipped(e.reason)
-        return self.transform(image), label
+        if self.seed is None:
+            return self.transform(image), label
+        with seeded_rng(self.seed, int(self._epoch), index):
+            return self.transform(image), label
 
 
 class StreamingImages(IterableDataset):

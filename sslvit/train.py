@@ -128,7 +128,7 @@ def _world_size() -> int:
 def _open_data(recipe: Recipe, objective: Objective, accelerator: Accelerator) -> tuple[Any, str, int | None]:
     """The training images with the objective's views -> (dataset, description, images per epoch or None)."""
     if not recipe.data.streaming:
-        dataset = data.TransformedImages(data.open_source(recipe.data), objective.views())
+        dataset = data.TransformedImages(data.open_source(recipe.data), objective.views(), seed=recipe.train.seed)
         return dataset, dataset.source.description, len(dataset)
     if not recipe.train.max_steps:
         raise RecipeError("data.streaming=true gives no epoch length: set train.max_steps as well")
@@ -278,7 +278,8 @@ def _epoch_batches(accelerator: Accelerator, loader, epoch: int, skip: int, stre
     if streaming:  # not prepared by Accelerate (see pretrain): skip by reading, move to the device here
         loader.dataset.set_epoch(epoch)
         return (send_to_device(b, accelerator.device) for b in itertools.islice(loader, skip, None))
-    loader.set_epoch(epoch)
+    loader.set_epoch(epoch)  # the sampler's order
+    loader.dataset.set_epoch(epoch)  # the augmentations
     return accelerator.skip_first_batches(loader, skip) if skip else loader
 
 
