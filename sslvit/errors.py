@@ -19,3 +19,7 @@ class DataError(UserError):
 
 class CheckpointError(UserError):
     """A checkpoint or encoder export cannot be found, read or loaded into the model."""
+
+
+class TrainingDiverged(UserError):
+    """Too many optimisation steps in a row had a non-finite loss or gradient."""

@@ -129,6 +129,7 @@ class TrainConfig:
     max_steps: int = 0  # > 0: train this many optimisation steps, schedules compressed to fit (quick runs)
     checkpoint_every: int = 1000
     keep_checkpoints: int = 3
+    max_bad_steps: int = 20  # stop after this many non-finite steps in a row (each is skipped)
     seed: int = 0
 
     def validate(self) -> None:
@@ -137,6 +138,7 @@ class TrainConfig:
         _check(self.max_steps >= 0, "train.max_steps must be >= 0 (0 = the whole schedule)")
         _check(self.checkpoint_every > 0, "train.checkpoint_every must be positive")
         _check(self.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1")
+        _check(self.max_bad_steps >= 1, "train.max_bad_steps must be >= 1")
 
 
 @dataclass

@@ -8,6 +8,7 @@ build -> resume -> for each step: schedules, forward/backward, optimizer, object
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -15,7 +16,6 @@ import math
 import os
 import time
 from collections import Counter
-from collections.abc import Iterable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,6 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import (
     DataLoaderConfiguration,
-    GradientAccumulationPlugin,
     ProjectConfiguration,
     send_to_device,
     set_seed,
@@ -34,7 +33,7 @@ from tqdm.auto import tqdm
 from sslvit import data
 from sslvit.backbone import build_vit, model_args
 from sslvit.checkpoint import export_encoder, latest_checkpoint, read_trainer_state, save_checkpoint
-from sslvit.errors import DataError, RecipeError
+from sslvit.errors import DataError, RecipeError, TrainingDiverged
 from sslvit.objectives import OBJECTIVES, Objective, Progress
 from sslvit.recipe import Derived, Recipe, derive, resolved_json
 
@@ -63,13 +62,12 @@ def pretrain(recipe: Recipe, run_dir: Path) -> dict[str, Any]:
         A summary: steps, images/s, final loss, the run folder and the export folder.
     """
     recipe.validate()
-    accum = derive(recipe, _world_size(), None).grad_accum_steps
+    derive(recipe, _world_size(), None)  # a batch that does not split over the processes fails before any work
     accelerator = Accelerator(
         # Without cpu=True, Accelerate ignores a multi-process launch on a machine with no GPU (each process
         # would train alone); with it, the processes join one gloo group.
         cpu=not _has_accelerator(),
         mixed_precision=recipe.train.precision,
-        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=accum, sync_with_dataloader=False),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=recipe.train.seed),
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir)),
         log_with="tensorboard",
@@ -212,75 +210,153 @@ def _apply_schedules(optimizer: torch.optim.Optimizer, recipe: Recipe, derived: 
 
 def _train_loop(accelerator, model, optimizer, loader, recipe, derived, run_dir, resumed, vis_batch) -> dict[str, Any]:
     objective: Objective = accelerator.unwrap_model(model)
-    step, last = resumed["step"], resumed.get("last_log", {})
     encoder_info = _encoder_info(objective, recipe)
-    total, accum, spe = derived.total_steps, derived.grad_accum_steps, derived.steps_per_epoch or derived.total_steps
-    epoch, done_in_epoch = divmod(step, spe)  # a stream has no epochs: spe = total, and it restarts when it ends
-    bar = tqdm(total=total, initial=step, disable=not accelerator.is_local_main_process, desc="pretrain")
-    window: dict[str, torch.Tensor] = {}
+    total, accum = derived.total_steps, derived.grad_accum_steps
+    spe = derived.steps_per_epoch or total  # a stream has no epochs: it restarts whenever it ends
+    step = first_step = resumed["step"]
+    epoch = step // spe
+    batches = _micro_batches(accelerator, loader, recipe.data.streaming, epoch, (step % spe) * accum, spe * accum)
+    window = _Window(accelerator, recipe, derived, step, resumed.get("last_log", {}))
     skipped: Counter[str] = Counter()
-    last_log, log_step = time.perf_counter(), step
-    started, first_step = last_log, step
+    bad_in_a_row = 0
     model.train()
     while step < total:
-        batches = _epoch_batches(accelerator, loader, epoch, done_in_epoch * accum, recipe.data.streaming)
-        for micro, batch in enumerate(batches, start=done_in_epoch * accum):
-            if micro >= spe * accum or step >= total:
-                break  # the epoch ends on a whole optimisation step
-            if batch["views"] is None:
-                raise DataError("every image of a batch failed to decode; check the data (see the skipped counts)")
-            skipped.update(batch["skipped"])
-            progress = Progress(step, total, recipe.schedule.epochs)
-            if micro % accum == 0:
-                scheduled = _apply_schedules(optimizer, recipe, derived, step)
-                objective.before_step(progress)
-            with accelerator.accumulate(model):
-                out = model(batch)
-                accelerator.backward(out["loss"])
-                grad_norm = None
-                if accelerator.sync_gradients:
-                    objective.after_backward(progress)
-                    if recipe.optim.clip_grad or (step + 1) % recipe.log.every == 0:
-                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), recipe.optim.clip_grad or math.inf)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            for key, value in out.items():  # summed on device: no host sync per step
-                window[key] = window.get(key, 0.0) + value.detach().float()
-            if not accelerator.sync_gradients:
-                continue
+        progress = Progress(step, total, recipe.schedule.epochs)
+        scheduled = _apply_schedules(optimizer, recipe, derived, step)
+        objective.before_step(progress)
+        batch_epoch, out, grad_norm, finite = _train_step(accelerator, model, optimizer, batches, accum, progress,
+                                                          recipe.optim.clip_grad, skipped)  # fmt: skip
+        if batch_epoch != epoch:  # the first micro-batch of a new epoch: report the one that ended
+            _report_skipped(accelerator, skipped, epoch, step)
+            epoch = batch_epoch
+        if finite:
             scheduled.update(objective.after_step(progress))
-            step += 1
-            bar.update(1)
-            if step % recipe.log.every == 0 or step == total:
-                now = time.perf_counter()
-                images_per_s = (step - log_step) * derived.global_batch_size / (now - last_log)
-                last = _log_scalars(
-                    accelerator, window, step, step - log_step, accum, scheduled, grad_norm, images_per_s
-                )
-                bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{images_per_s:.0f}")
-                window, last_log, log_step = {}, now, step
-            if recipe.log.image_every and vis_batch is not None and step % recipe.log.image_every == 0:
-                _log_images(accelerator, objective, vis_batch, step)
-            if step % recipe.train.checkpoint_every == 0 or step == total:
-                state = {"step": step, "epoch": epoch, "recipe": recipe.name, "last_log": last, **encoder_info}
-                save_checkpoint(accelerator, run_dir / "checkpoints", step, recipe.train.keep_checkpoints, state)
-        _report_skipped(accelerator, skipped, epoch, step)
-        skipped.clear()
-        epoch, done_in_epoch = epoch + 1, 0
-    bar.close()
-    ran = step - first_step  # steps this invocation ran (0 when the run was already complete)
-    images_per_s = ran * derived.global_batch_size / (time.perf_counter() - started) if ran else None
-    return {"steps": step, "steps_this_run": ran, "final_loss": last.get("loss"), "images_per_s": images_per_s}
+            bad_in_a_row = 0
+        else:
+            bad_in_a_row += 1
+            _handle_bad_step(accelerator, recipe, run_dir, step, bad_in_a_row)
+        step += 1
+        window.add(step, out, scheduled, grad_norm, finite)
+        if recipe.log.image_every and vis_batch is not None and step % recipe.log.image_every == 0:
+            _log_images(accelerator, objective, vis_batch, step)
+        if step % recipe.train.checkpoint_every == 0 or step == total:
+            state = {"step": step, "epoch": epoch, "recipe": recipe.name, "last_log": window.last, **encoder_info}
+            save_checkpoint(accelerator, run_dir / "checkpoints", step, recipe.train.keep_checkpoints, state)
+    _report_skipped(accelerator, skipped, epoch, step)
+    return window.close(step - first_step)
 
 
-def _epoch_batches(accelerator: Accelerator, loader, epoch: int, skip: int, streaming: bool) -> Iterable[dict]:
-    """The batches of one epoch on the training device, the first ``skip`` left out (resume mid-epoch)."""
+def _train_step(accelerator, model, optimizer, batches, accum, progress, clip_grad, skipped):
+    """One optimisation step over ``accum`` micro-batches -> (epoch, outputs, grad norm, all finite).
+
+    Gradients are synchronised across processes only on the last micro-batch. A step whose loss or gradient
+    norm is NaN/Inf leaves the weights untouched (under fp16 the gradient scaler still sees it and backs off).
+    """
+    sums: dict[str, torch.Tensor] = {}
+    for i in range(accum):
+        epoch, batch = next(batches)
+        if batch["views"] is None:
+            raise DataError("every image of a batch failed to decode; check the data (see the skipped counts)")
+        skipped.update(batch["skipped"])
+        sync = i == accum - 1 or accelerator.num_processes == 1
+        with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+            out = model(batch)
+            accelerator.backward(out["loss"] / accum)
+        for key, value in out.items():
+            sums[key] = sums.get(key, 0.0) + value.detach().float() / accum
+    accelerator.unwrap_model(model).after_backward(progress)
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), clip_grad or math.inf)
+    finite = torch.isfinite(grad_norm) & torch.isfinite(sums["loss"])
+    if accelerator.num_processes > 1:  # every process must take the same decision
+        finite = accelerator.reduce(finite.float(), reduction="sum") == accelerator.num_processes
+    finite = bool(finite)  # the one host sync per step: the guard against NaN/Inf needs it
+    if finite or accelerator.scaler is not None:
+        optimizer.step()
+        finite = finite and not optimizer.step_was_skipped
+    optimizer.zero_grad(set_to_none=True)
+    return epoch, sums, grad_norm, finite
+
+
+def _handle_bad_step(accelerator: Accelerator, recipe: Recipe, run_dir: Path, step: int, in_a_row: int) -> None:
+    """Warn about a skipped non-finite step; stop the run after ``train.max_bad_steps`` of them in a row."""
+    if accelerator.is_main_process:
+        log.warning("step %d: non-finite loss or gradient norm; the step was skipped (%d in a row)", step, in_a_row)
+    if in_a_row < recipe.train.max_bad_steps:
+        return
+    good = latest_checkpoint(run_dir / "checkpoints")
+    raise TrainingDiverged(
+        f"step {step}: {in_a_row} steps in a row had a non-finite loss or gradient (train.max_bad_steps="
+        f"{recipe.train.max_bad_steps}); the last good checkpoint is {good or 'none (no checkpoint yet)'}. "
+        "Usual remedies: train.precision=bf16 instead of fp16, a lower optim.base_lr, gradient clipping "
+        "(optim.clip_grad=1.0), a longer schedule.warmup_epochs"
+    )
+
+
+def _micro_batches(accelerator, loader, streaming: bool, epoch: int, skip: int, per_epoch: int):
+    """Yield (epoch, micro-batch) from position (epoch, skip) on, epochs chained; the loop stops at total steps."""
+    while True:
+        for batch in _epoch_batches(accelerator, loader, epoch, skip, per_epoch, streaming):
+            yield epoch, batch
+        epoch, skip = epoch + 1, 0
+
+
+def _epoch_batches(accelerator: Accelerator, loader, epoch: int, skip: int, per_epoch: int, streaming: bool):
+    """The micro-batches of one epoch on the training device, the first ``skip`` left out (resume mid-epoch).
+
+    A map-style epoch is cut at ``per_epoch`` micro-batches so that it ends on a whole optimisation step.
+    """
     if streaming:  # not prepared by Accelerate (see pretrain): skip by reading, move to the device here
         loader.dataset.set_epoch(epoch)
         return (send_to_device(b, accelerator.device) for b in itertools.islice(loader, skip, None))
     loader.set_epoch(epoch)  # the sampler's order
     loader.dataset.set_epoch(epoch)  # the augmentations
-    return accelerator.skip_first_batches(loader, skip) if skip else loader
+    batches = accelerator.skip_first_batches(loader, skip) if skip else loader
+    return itertools.islice(batches, per_epoch - skip)
+
+
+class _Window:
+    """Logging between two log steps: sums on device (no host sync per step), the progress bar, images/s."""
+
+    def __init__(self, accelerator: Accelerator, recipe: Recipe, derived: Derived, step: int, last: dict) -> None:
+        self.accelerator, self.every, self.total = accelerator, recipe.log.every, derived.total_steps
+        self.global_batch = derived.global_batch_size
+        self.bar = tqdm(total=self.total, initial=step, disable=not accelerator.is_local_main_process, desc="pretrain")
+        self.sums: dict[str, torch.Tensor] = {}
+        self.steps, self.bad, self.last = 0, 0, last
+        self.started = self.since = time.perf_counter()
+
+    def add(self, step: int, out: dict, scheduled: dict, grad_norm: torch.Tensor, finite: bool) -> None:
+        if finite:
+            for key, value in out.items():
+                self.sums[key] = self.sums.get(key, 0.0) + value
+            self.steps += 1
+        self.bad += not finite
+        self.bar.update(1)
+        if step % self.every == 0 or step == self.total:
+            self._log(step, scheduled, grad_norm)
+
+    def _log(self, step: int, scheduled: dict, grad_norm: torch.Tensor) -> None:
+        """Average over the window's good steps and over processes, then log: one host sync per log step."""
+        now = time.perf_counter()
+        values = {"train/images_per_s": (self.steps + self.bad) * self.global_batch / (now - self.since)}
+        if self.sums:
+            keys = sorted(self.sums)
+            means = self.accelerator.reduce(torch.stack([self.sums[k] for k in keys]) / self.steps, reduction="mean")
+            values.update({f"train/{k}": v for k, v in zip(keys, means.tolist())})
+        values.update({f"train/{k}": v for k, v in scheduled.items()})
+        values.update({"train/grad_norm": float(grad_norm), "train/bad_steps": self.bad})
+        self.accelerator.log(values, step=step)
+        self.last = {k.removeprefix("train/"): v for k, v in values.items()}
+        if "loss" in self.last:
+            self.bar.set_postfix(loss=f"{self.last['loss']:.4f}", img_s=f"{self.last['images_per_s']:.0f}")
+        self.sums, self.steps, self.bad, self.since = {}, 0, 0, now
+
+    def close(self, ran: int) -> dict[str, Any]:
+        """Summary of this invocation: ``ran`` steps (0 when the run was already complete)."""
+        self.bar.close()
+        images_per_s = ran * self.global_batch / (time.perf_counter() - self.started) if ran else None
+        return {"steps": self.bar.n, "steps_this_run": ran, "final_loss": self.last.get("loss"),
+                "images_per_s": images_per_s}  # fmt: skip
 
 
 def _encoder_info(objective: Objective, recipe: Recipe) -> dict[str, Any]:
@@ -292,19 +368,6 @@ def _encoder_info(objective: Objective, recipe: Recipe) -> dict[str, Any]:
         "model_args": model_args(recipe.model, **type(objective).backbone_kwargs(recipe.objective)),
         "encoder_prefix": f"{prefix}.",
     }
-
-
-def _log_scalars(accelerator, window, step, steps, accum, scheduled, grad_norm, images_per_s) -> dict[str, float]:
-    """Average the window's sums over steps and processes, then log them: one host sync per log step."""
-    keys = sorted(window)
-    means = accelerator.reduce(torch.stack([window[k] for k in keys]) / (steps * accum), reduction="mean")
-    values = {f"train/{k}": v for k, v in zip(keys, means.tolist())}
-    values.update({f"train/{k}": v for k, v in scheduled.items()})
-    values["train/images_per_s"] = images_per_s
-    if grad_norm is not None:
-        values["train/grad_norm"] = float(grad_norm)
-    accelerator.log(values, step=step)
-    return {k.removeprefix("train/"): v for k, v in values.items()}
 
 
 def _log_images(accelerator: Accelerator, objective: Objective, batch: dict[str, Any], step: int) -> None:

@@ -60,3 +60,55 @@ def test_sigkill_and_rerun_is_bit_identical_to_an_uninterrupted_run(tmp_path, re
     expected = load_file(str(tmp_path / "ref" / "encoder" / "model.safetensors"))
     different = [k for k in expected if not (ours[k] == expected[k]).all()]
     assert not different, f"killed at step {killed_at}: {len(different)} tensors differ, e.g. {different[:3]}"
+
+
+def _inject_nan(monkeypatch, bad_calls: set[int]) -> None:
+    """Make MAE's loss NaN on the given forward calls (0-based), as an fp16 overflow would."""
+    from sslvit.objectives.mae import MAE
+
+    original, calls = MAE.forward, [0]
+
+    def forward(self, batch):
+        out = original(self, batch)
+        if self.training:
+            if calls[0] in bad_calls:
+                out["loss"] = out["loss"] * float("nan")
+            calls[0] += 1
+        return out
+
+    monkeypatch.setattr(MAE, "forward", forward)
+
+
+def test_non_finite_steps_are_skipped_counted_and_leave_the_weights_alone(tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from sslvit.train import pretrain
+    from tests.conftest import tiny_recipe
+
+    _inject_nan(monkeypatch, {1, 2})
+    recipe = tiny_recipe("quickstart", "train.max_steps=4", "train.checkpoint_every=1", "train.keep_checkpoints=10",
+                         "log.image_every=0")  # fmt: skip
+    summary = pretrain(recipe, tmp_path)
+    assert summary["steps"] == 4
+    weights = [load_file(str(c / "model.safetensors")) for c in complete_checkpoints(tmp_path / "checkpoints")]
+    assert all((weights[0][k] == weights[2][k]).all() for k in weights[0])  # steps 2 and 3 changed nothing
+    assert not all((weights[0][k] == weights[3][k]).all() for k in weights[0])  # step 4 trained again
+    events = EventAccumulator(str(tmp_path / "tensorboard")).Reload()
+    assert [e.value for e in events.Scalars("train/bad_steps")] == [0, 1, 1, 0]
+    assert all(e.value == e.value for e in events.Scalars("train/loss"))  # NaN never reaches the logged loss
+
+
+def test_too_many_bad_steps_in_a_row_stop_the_run_with_remedies(tmp_path, monkeypatch):
+    from sslvit.errors import TrainingDiverged
+    from sslvit.train import pretrain
+    from tests.conftest import tiny_recipe
+
+    _inject_nan(monkeypatch, set(range(1, 100)))
+    recipe = tiny_recipe("quickstart", "train.max_steps=10", "train.checkpoint_every=1", "train.max_bad_steps=3",
+                         "log.image_every=0")  # fmt: skip
+    with pytest.raises(TrainingDiverged) as err:
+        pretrain(recipe, tmp_path)
+    message = str(err.value)
+    assert message.startswith("step 3: 3 steps in a row had a non-finite loss or gradient")
+    assert f"{tmp_path / 'checkpoints' / 'step_00000003'}" in message
+    assert "train.precision=bf16" in message and "optim.clip_grad" in message
