@@ -13,6 +13,7 @@ previous checkpoint (or export) intact and resume never picks a half-written one
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
 from pathlib import Path
 from typing import Any
@@ -62,15 +63,41 @@ def save_checkpoint(accelerator: Any, root: Path, step: int, keep: int, state: d
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    try:
+        accelerator.save_state(str(tmp))
+        if accelerator.is_main_process:
+            (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=2))
+    except OSError as err:  # a full disk, a quota, a vanished mount: the previous checkpoint must survive
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = latest_checkpoint(root)
+        raise CheckpointError(
+            f"could not write checkpoint {final.name} in {root}: {err.strerror or err}; the previous checkpoint "
+            f"{previous or '(none)'} is intact and the run resumes from it once there is space"
+        ) from err
     if accelerator.is_main_process:
-        (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=2))
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         for old in complete_checkpoints(root)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def load_checkpoint(accelerator: Any, checkpoint: Path) -> dict[str, Any]:
+    """Restore the full training state from ``checkpoint``; return its trainer state.
+
+    Everything is read with safetensors or ``torch.load(weights_only=True)`` (Accelerate's default), so a
+    file crafted to run code when unpickled is refused instead of executed.
+    """
+    try:
+        accelerator.load_state(str(checkpoint))
+    except (pickle.UnpicklingError, RuntimeError, OSError, KeyError, ValueError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(
+            f"cannot resume from {checkpoint}: {first_line}. If the checkpoint is damaged, delete that folder "
+            "to resume from the one before, or use a new --output-dir"
+        ) from err
+    return read_trainer_state(checkpoint)
 
 
 def export_encoder(encoder: torch.nn.Module, architecture: str, args: dict[str, Any], out_dir: Path) -> Path:

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from sslvit import data
 from sslvit.backbone import build_vit, model_args
-from sslvit.checkpoint import export_encoder, latest_checkpoint, read_trainer_state, save_checkpoint
+from sslvit.checkpoint import export_encoder, latest_checkpoint, load_checkpoint, save_checkpoint
 from sslvit.errors import DataError, RecipeError, TrainingDiverged
 from sslvit.objectives import OBJECTIVES, Objective, Progress
 from sslvit.recipe import Derived, Recipe, derive, resolved_json
@@ -175,8 +175,7 @@ def _resume(accelerator: Accelerator, run_dir: Path) -> dict[str, Any]:
     checkpoint = latest_checkpoint(run_dir / "checkpoints")
     if checkpoint is None:
         return {"step": 0}
-    accelerator.load_state(str(checkpoint))
-    state = read_trainer_state(checkpoint)
+    state = load_checkpoint(accelerator, checkpoint)
     if accelerator.is_main_process:
         log.info("resuming from %s (step %d)", checkpoint, state["step"])
     return state

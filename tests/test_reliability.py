@@ -112,3 +112,116 @@ def test_too_many_bad_steps_in_a_row_stop_the_run_with_remedies(tmp_path, monkey
     assert message.startswith("step 3: 3 steps in a row had a non-finite loss or gradient")
     assert f"{tmp_path / 'checkpoints' / 'step_00000003'}" in message
     assert "train.precision=bf16" in message and "optim.clip_grad" in message
+
+
+def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    import errno
+
+    from accelerate import Accelerator
+
+    from sslvit.errors import CheckpointError
+    from sslvit.train import pretrain
+    from tests.conftest import tiny_recipe
+
+    original, calls = Accelerator.save_state, [0]
+
+    def save_state(self, output_dir, **kwargs):
+        calls[0] += 1
+        if calls[0] == 2:  # the second checkpoint: half written, then the disk is full
+            Path(output_dir).mkdir(parents=True, exist_ok=True)
+            (Path(output_dir) / "model.safetensors").write_bytes(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(self, output_dir, **kwargs)
+
+    monkeypatch.setattr(Accelerator, "save_state", save_state)
+    recipe = tiny_recipe("quickstart", "train.max_steps=3", "train.checkpoint_every=1", "log.image_every=0")
+    with pytest.raises(CheckpointError, match="No space left on device; the previous checkpoint .*step_00000001 is"):
+        pretrain(recipe, tmp_path)
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_00000001"]
+    monkeypatch.setattr(Accelerator, "save_state", original)
+    assert pretrain(recipe, tmp_path)["steps_this_run"] == 2  # resumed from step 1 once there is space
+
+
+KILL_IN_SAVE = """
+import sys, time
+from accelerate import Accelerator
+original = Accelerator.save_state
+def save_state(self, output_dir, **kwargs):
+    result = original(self, output_dir, **kwargs)
+    if output_dir.endswith("step_00000002"):
+        print("SAVING", flush=True)
+        time.sleep(60)  # killed here: the state is written, the folder not yet renamed
+    return result
+Accelerator.save_state = save_state
+from sslvit.cli import pretrain_main
+sys.argv = ["pretrain.py", *sys.argv[1:]]
+sys.exit(pretrain_main())
+"""
+
+
+def test_a_kill_inside_a_save_leaves_the_previous_checkpoint_and_resume_uses_it(tmp_path):
+    cmd = _command("quickstart", tmp_path, "objective.decoder_depth=1")
+    proc = subprocess.Popen([sys.executable, "-c", KILL_IN_SAVE, *cmd[2:]], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, start_new_session=True)  # fmt: skip
+    assert proc.stdout.readline().strip() == "SAVING"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == [".tmp-step_00000002", "step_00000001"]
+    rerun = subprocess.run(cmd, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "step_00000001 (step 1)" in rerun.stderr
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_checkpoint_crafted_to_run_code_is_refused_and_not_run(tmp_path):
+    import torch
+
+    from sslvit.errors import CheckpointError
+    from sslvit.train import pretrain
+    from tests.conftest import tiny_recipe
+
+    recipe = tiny_recipe("quickstart", "train.max_steps=1", "train.checkpoint_every=1", "log.image_every=0")
+    pretrain(recipe, tmp_path)
+    exploit = _Exploit()
+    exploit.marker = tmp_path / "pwned"
+    checkpoint = complete_checkpoints(tmp_path / "checkpoints")[-1]
+    torch.save({"state": exploit}, checkpoint / "optimizer.bin")
+    recipe = tiny_recipe("quickstart", "train.max_steps=2", "train.checkpoint_every=1", "log.image_every=0")
+    with pytest.raises(CheckpointError, match=f"cannot resume from {checkpoint}"):
+        pretrain(recipe, tmp_path)
+    assert not exploit.marker.exists(), "unpickling ran the attacker's code"
+
+
+def test_corrupt_images_are_skipped_counted_and_logged_during_pretraining(tmp_path, caplog):
+    import io
+
+    import numpy as np
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from sslvit.train import pretrain
+    from tests.conftest import tiny_recipe
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(30):
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(
+            folder / f"{i}.png"
+        )
+    (folder / "empty.jpg").write_bytes(b"")
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 40)).save(buffer, format="PNG")
+    (folder / "truncated.png").write_bytes(buffer.getvalue()[:60])
+    (folder / "notes.txt").write_text("not an image")
+    caplog.set_level("WARNING", logger="sslvit")
+    recipe = tiny_recipe("quickstart", f"data.path={folder}", "train.max_steps=2", "train.global_batch_size=16",
+                         "log.image_every=0", "schedule.epochs=1", "schedule.warmup_epochs=0")  # fmt: skip
+    assert pretrain(recipe, tmp_path / "run")["steps"] == 2  # 32 images = 2 steps, then the epoch ends
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard")).Reload()
+    assert [e.value for e in events.Scalars("data/skipped")] == [2]
+    assert any("skipped 2 undecodable sample(s)" in r.message for r in caplog.records)
