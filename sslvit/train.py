@@ -178,6 +178,13 @@ def _resume(accelerator: Accelerator, run_dir: Path) -> dict[str, Any]:
     state = load_checkpoint(accelerator, checkpoint)
     if accelerator.is_main_process:
         log.info("resuming from %s (step %d)", checkpoint, state["step"])
+        written_by = state.get("world_size", accelerator.num_processes)
+        if written_by != accelerator.num_processes:
+            log.warning(
+                "the checkpoint was written by %d process(es) and resumes on %d: weights, optimizer and schedules "
+                "are restored, but the data order (and the random masks) change from here on",
+                written_by, accelerator.num_processes,
+            )  # fmt: skip
     return state
 
 
@@ -239,7 +246,8 @@ def _train_loop(accelerator, model, optimizer, loader, recipe, derived, run_dir,
         if recipe.log.image_every and vis_batch is not None and step % recipe.log.image_every == 0:
             _log_images(accelerator, objective, vis_batch, step)
         if step % recipe.train.checkpoint_every == 0 or step == total:
-            state = {"step": step, "epoch": epoch, "recipe": recipe.name, "last_log": window.last, **encoder_info}
+            state = {"step": step, "epoch": epoch, "recipe": recipe.name, "world_size": accelerator.num_processes,
+                     "last_log": window.last, **encoder_info}  # fmt: skip
             save_checkpoint(accelerator, run_dir / "checkpoints", step, recipe.train.keep_checkpoints, state)
     _report_skipped(accelerator, skipped, epoch, step)
     return window.close(step - first_step)
