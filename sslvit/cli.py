@@ -77,13 +77,26 @@ def _count(recipe) -> int | None:
 
 
 def run_export(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="sslvit export", description="Export a run's encoder for timm.")
+    parser = argparse.ArgumentParser(prog="sslvit export", description="Export a run's encoder (timm, Hub, ONNX).")
     parser.add_argument("run_dir", help="an sslvit run folder (runs/<recipe>)")
+    parser.add_argument("--hub-repo", metavar="ORG/NAME", help="push the encoder to this Hugging Face Hub repo")
+    parser.add_argument("--hub-dir", metavar="DIR", help="write the exact folder --hub-repo would push, offline")
+    parser.add_argument("--onnx", metavar="FILE", help="also export to ONNX and check it with onnxruntime")
     args = parser.parse_args(argv)
+    from sslvit import export
     from sslvit.checkpoint import export_run
 
-    out = export_run(Path(args.run_dir))
-    print(f"wrote {out}: load it with timm.create_model('local-dir:{out}', pretrained=True)")
+    if not (args.hub_repo or args.hub_dir or args.onnx):
+        out = export_run(Path(args.run_dir))
+        print(f"wrote {out}: load it with timm.create_model('local-dir:{out}', pretrained=True)")
+    if args.hub_dir:
+        out = export.write_hub_folder(Path(args.run_dir), Path(args.hub_dir))
+        print(f"wrote {out} (what --hub-repo pushes): timm.create_model('local-dir:{out}', pretrained=True)")
+    if args.hub_repo:
+        print(f"pushed to {export.push_to_hub(Path(args.run_dir), args.hub_repo)}")
+    if args.onnx:
+        result = export.export_onnx(Path(args.run_dir), Path(args.onnx))
+        print(f"wrote {result['onnx']} ({result['output']}); max |onnxruntime - torch| = {result['max_abs_diff']:.3g}")
     return 0
 
 
