@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from sslvit.errors import DataError, UserError
+from sslvit.evaluation.cli import run_finetune, run_knn, run_linear_probe  # standard library only at import
 
 
 def pretrain_parser() -> argparse.ArgumentParser:
@@ -108,6 +109,9 @@ COMMANDS: dict[str, Callable[[list[str] | None], int]] = {
     "pretrain": run_pretrain,
     "export": run_export,
     "recipes": run_list,
+    "knn": run_knn,
+    "linear-probe": run_linear_probe,
+    "finetune": run_finetune,
 }
 
 

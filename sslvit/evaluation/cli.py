@@ -1,0 +1,309 @@
+"""Command lines of ``eval/knn.py``, ``eval/linear_probe.py`` and ``eval/finetune.py`` (also ``sslvit knn`` ...).
+
+Each loads the encoder (:mod:`sslvit.evaluation.load`), opens the labelled train/test splits, runs its protocol,
+prints a short table and writes a JSON report: encoder identity (path + weights hash), data identity, protocol,
+every hyperparameter, metrics (``top1``/``top5``) and wall time. ``--json-out`` defaults to
+``<run>/eval/<kind>.json`` when the encoder lives in a run folder, else ``./eval_<kind>.json``.
+
+A randomly initialised encoder (the baseline every pretrained encoder should beat) is a timm name with
+``--weights random`` and its shape in ``--model-args``, e.g.
+``--encoder vit_tiny_patch16_224 --weights random --model-args img_size=32 patch_size=4``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+KINDS = {"knn": "k-NN", "linear_probe": "linear probe", "finetune": "fine-tuning"}
+
+
+def _parser(kind: str, description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"eval/{kind}.py", description=description)
+    p.add_argument(
+        "--encoder",
+        required=True,
+        help="run folder, encoder/ export, checkpoint folder, timm model "
+        "name (with --weights) or a .pth/.safetensors file (official MAE/DINO formats included)",
+    )
+    p.add_argument("--weights", help="with a timm model name: a .safetensors/.pth file, or 'random' (seeded init)")
+    p.add_argument(
+        "--model-args",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="timm create_model arguments for a timm model name, e.g. img_size=32 patch_size=4",
+    )
+    p.add_argument("--data", required=True, help="digits, an image folder, parquet/arrow files or a Hub dataset id")
+    p.add_argument("--train-split", default="train")
+    p.add_argument("--test-split", help="default: the first of test, val, validation that exists")
+    p.add_argument("--label-column", default="", help="table sources: the label column (default: inferred)")
+    p.add_argument("--image-column", default="", help="table sources: the image column (default: inferred)")
+    p.add_argument("--limit-train", type=int, help="a class-balanced subset of this many training images")
+    p.add_argument("--limit-test", type=int, help="a class-balanced subset of this many test images")
+    p.add_argument("--img-size", type=int, help="evaluation resolution (default: the encoder's; pos-embed resampled)")
+    p.add_argument(
+        "--crop-pct",
+        type=float,
+        help="Resize to img_size / crop_pct, CenterCrop img_size (default: 1.0 up to 64 px, else 0.875)",
+    )
+    p.add_argument("--batch-size", type=int, default=256 if kind != "finetune" else 64, help="images per device")
+    p.add_argument("--num-workers", type=int, default=-1, help="data loader workers (-1: min(8, cores))")
+    p.add_argument("--json-out", help="where to write the JSON report")
+    if kind != "finetune":
+        p.add_argument("--cache-dir", help="feature cache (default: $SSLVIT_CACHE/features or ~/.cache/sslvit)")
+        p.add_argument("--no-cache", action="store_true", help="extract features without reading or writing a cache")
+        p.add_argument("--precision", choices=["no", "bf16", "fp16"], default="no", help="autocast for extraction")
+    return p  # fmt: skip
+
+
+def _parse_model_args(items: list[str]) -> dict[str, Any]:
+    """``["img_size=32", "qkv_bias=false"]`` -> ``{"img_size": 32, "qkv_bias": False}`` (JSON values, else strings)."""
+    from sslvit.errors import UserError
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--model-args {item!r} must look like key=value, e.g. patch_size=4")
+        try:
+            out[key] = json.loads(raw.lower() if raw.lower() in ("true", "false", "null") else raw)
+        except ValueError:
+            out[key] = raw
+    return out
+
+
+@dataclass
+class Setup:
+    """What every evaluation starts from."""
+
+    encoder: Any
+    identity: dict[str, Any]
+    train: Any
+    test: Any
+    test_split: str
+    data_cfg: Any
+    crop_pct: float
+    started: float
+
+
+def _setup(args: argparse.Namespace, started: float) -> Setup:
+    from sslvit.evaluation.features import default_crop_pct, open_labelled
+    from sslvit.evaluation.load import load_encoder
+    from sslvit.recipe import DataConfig
+
+    data_cfg = DataConfig(path=args.data, image_column=args.image_column, label_column=args.label_column,
+                          num_workers=args.num_workers)  # fmt: skip
+    train, test, test_split = open_labelled(data_cfg, args.train_split, args.test_split)
+    encoder, identity = load_encoder(args.encoder, args.weights, args.img_size, _parse_model_args(args.model_args))
+    crop_pct = args.crop_pct or default_crop_pct(identity["img_size"])
+    return Setup(encoder, identity, train, test, test_split, data_cfg, crop_pct, started)
+
+
+def _features(setup: Setup, args: argparse.Namespace, accelerator: Any) -> tuple[Any, Any, dict[str, Any]]:
+    """Cached features of both splits and the data identity for the report."""
+    from sslvit.evaluation.features import cached_features, default_cache_dir
+
+    cache_dir = None if args.no_cache else Path(args.cache_dir or default_cache_dir())
+    common = {"crop_pct": setup.crop_pct, "batch_size": args.batch_size, "cfg": setup.data_cfg,
+              "accelerator": accelerator, "cache_dir": cache_dir}  # fmt: skip
+    train, train_info = cached_features(setup.encoder, setup.identity, setup.train, args.train_split,
+                                        limit=args.limit_train, **common)  # fmt: skip
+    test, test_info = cached_features(setup.encoder, setup.identity, setup.test, setup.test_split,
+                                      limit=args.limit_test, **common)  # fmt: skip
+    return train, test, _data_report(setup, args, len(train), len(test), train_info, test_info)
+
+
+def _data_report(setup: Setup, args, n_train: int, n_test: int, train_info=None, test_info=None) -> dict[str, Any]:
+    out = {"path": args.data, "train": setup.train.description, "test": setup.test.description,
+           "num_classes": len(setup.train.class_names), "train_size": n_train, "test_size": n_test,
+           "limit_train": args.limit_train, "limit_test": args.limit_test, "img_size": setup.identity["img_size"],
+           "crop_pct": setup.crop_pct, "transform": f"Resize({round(setup.identity['img_size'] / setup.crop_pct)}, "
+           f"bicubic) + CenterCrop({setup.identity['img_size']}) + ImageNet normalisation"}  # fmt: skip
+    if train_info:
+        out["train_identity"], out["test_identity"] = train_info["data"], test_info["data"]
+        out["feature_cache"] = {"train": train_info["cache"], "test": test_info["cache"],
+                                "train_file": train_info["cache_file"], "test_file": test_info["cache_file"],
+                                "skipped_undecodable": train_info["skipped"] + test_info["skipped"]}  # fmt: skip
+    return out
+
+
+def _report(kind: str, setup: Setup, args, protocol: str, data: dict, hyper: dict, metrics: dict, **extra) -> dict:
+    import timm
+    import torch
+
+    return {"kind": kind, "protocol": protocol, "encoder": setup.identity, "data": data, "hyperparameters": hyper,
+            "metrics": metrics, **extra, "wall_time_s": round(time.perf_counter() - setup.started, 2),
+            "world_size": _world_size(), "command": " ".join(sys.argv),
+            "created": datetime.datetime.now().isoformat(timespec="seconds"),
+            "versions": {"torch": torch.__version__, "timm": timm.__version__}}  # fmt: skip
+
+
+def _world_size() -> int:
+    from accelerate.state import PartialState
+
+    return PartialState().num_processes
+
+
+def json_out_path(kind: str, identity: dict[str, Any], json_out: str | None) -> Path:
+    """``--json-out``, else ``<run>/eval/<kind>.json`` for an encoder in a run folder, else ``./eval_<kind>.json``."""
+    if json_out:
+        return Path(json_out)
+    if identity.get("run_dir"):
+        return Path(identity["run_dir"]) / "eval" / f"{kind}.json"
+    return Path(f"eval_{kind}.json")
+
+
+def _write(report: dict[str, Any], args, rows: list[tuple[str, ...]], header: tuple[str, ...]) -> Path:
+    """Write the JSON report and print the table (main process only)."""
+    out = json_out_path(report["kind"], report["encoder"], args.json_out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    enc, data = report["encoder"], report["data"]
+    print(f"{KINDS[report['kind']]} ({report['protocol']}) of {enc['path']} [sha256 {enc['sha256']}]")
+    print(f"data: {data['train_size']} train / {data['test_size']} test images, {data['num_classes']} classes, "
+          f"{data['img_size']} px ({data['path']})")  # fmt: skip
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(str(c).rjust(w) for c, w in zip(row, widths)))
+    print(f"wall time {report['wall_time_s']:.1f} s; JSON: {out}")
+    return out
+
+
+def _accelerator(precision: str):
+    from accelerate import Accelerator
+
+    return Accelerator(mixed_precision=precision)
+
+
+def run_knn(argv: list[str] | None = None) -> int:
+    """``eval/knn.py``: weighted k-NN (DINO protocol) on cached CLS features."""
+    from sslvit.errors import UserError
+    from sslvit.evaluation.knn import DEFAULT_KS, DEFAULT_TEMPERATURE, HEADLINE_K, knn_classify
+
+    p = _parser("knn", "Weighted k-NN classification of a frozen encoder (DINO protocol).")
+    p.add_argument("--k", type=int, nargs="+", default=list(DEFAULT_KS), help="numbers of neighbours")
+    p.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE, help="vote weight exp(sim / T)")
+    args = p.parse_args(argv)
+    started = time.perf_counter()
+    accelerator = _accelerator(args.precision)
+    setup = _setup(args, started)
+    train, test, data = _features(setup, args, accelerator)
+    if max(args.k) > len(train) or min(args.k) < 1:
+        raise UserError(f"--k {' '.join(map(str, args.k))}: each k must be between 1 and the {len(train)} training "
+                        "images")  # fmt: skip
+    if not accelerator.is_main_process:
+        return 0
+    per_k = knn_classify(train.cls, train.labels, test.cls, test.labels, args.k, args.temperature,
+                         data["num_classes"])  # fmt: skip
+    headline = HEADLINE_K if HEADLINE_K in per_k else min(per_k)
+    hyper = {"k": sorted(per_k), "temperature": args.temperature, "feature": "cls (after the final norm)",
+             "normalize": "l2", "similarity": "cosine (faiss IndexFlatIP)", "vote": "sum of exp(sim / T) per class",
+             "headline_k": headline, "batch_size": args.batch_size, "precision": args.precision}  # fmt: skip
+    metrics = {**per_k[headline], "per_k": {str(k): v for k, v in per_k.items()}}
+    report = _report("knn", setup, args, "dino-knn", data, hyper, metrics)
+    _write(report, args, [(k, f"{v['top1']:.2f}", f"{v['top5']:.2f}") for k, v in per_k.items()], ("k", "top1", "top5"))
+    return 0
+
+
+def run_linear_probe(argv: list[str] | None = None) -> int:
+    """``eval/linear_probe.py``: MAE or DINO linear probe, a grid of learning rates picked on held-out data."""
+    from sslvit.evaluation.linear import LinearConfig
+    from sslvit.recipe import apply_overrides
+
+    p = _parser("linear_probe", "Linear probe of a frozen encoder (MAE or DINO protocol).")
+    p.add_argument("--protocol", choices=["mae", "dino"], default="mae")
+    p.add_argument("--epochs", type=int, help="default: the protocol's (MAE 90, DINO 100)")
+    p.add_argument("--augment", action="store_true", help="paper-exact random crops through the frozen encoder")
+    _add_set(p, "LinearConfig fields, e.g. lr_grid=0.1,1,10 n_last_blocks=1 avgpool_patch_tokens=true")
+    args = p.parse_args(argv)
+    started = time.perf_counter()
+    cfg = apply_overrides(LinearConfig(protocol=args.protocol, epochs=args.epochs, augment=args.augment),
+                          args.overrides)  # fmt: skip
+    cfg.validate()
+    accelerator = _accelerator(args.precision)
+    setup = _setup(args, started)
+    train, test, data = _features(setup, args, accelerator)
+    result = _linear(setup, args, cfg, train, test, data, accelerator)
+    if not accelerator.is_main_process:
+        return 0
+    report = _report("linear_probe", setup, args, f"{cfg.protocol}-linear" + "-augment" * cfg.augment, data,
+                     result["hyperparameters"], result["metrics"], selection=result["selection"])  # fmt: skip
+    rows = [(g["base_lr"], f"{g['lr']:.4g}", f"{g['val_top1']:.2f}", f"{g['test_top1']:.2f}",
+             "<- chosen" if g["base_lr"] == result["selection"]["chosen_base_lr"] else "")
+            for g in result["selection"]["grid"]]  # fmt: skip
+    _write(report, args, rows, ("base_lr", "lr", "val_top1", "test_top1", ""))
+    print(f"test top1 {result['metrics']['top1']:.2f}  top5 {result['metrics']['top5']:.2f} (lr picked on val)")
+    return 0
+
+
+def _linear(setup: Setup, args, cfg, train, test, data, accelerator) -> dict[str, Any]:
+    from torch.utils.data import Subset
+
+    from sslvit.data import TransformedImages, make_loader
+    from sslvit.evaluation.linear import augment_transform, linear_probe
+
+    if not cfg.augment:
+        if not accelerator.is_main_process:
+            return {}
+        return linear_probe(train, test, data["num_classes"], cfg, device=accelerator.device)
+
+    def loader_for(indices):
+        images = TransformedImages(setup.train, augment_transform(setup.identity["img_size"]))
+        return make_loader(Subset(images, indices.tolist()), args.batch_size, shuffle=True, drop_last=True,
+                           cfg=setup.data_cfg, seed=cfg.seed)  # fmt: skip
+
+    augmented = {"encoder": setup.encoder, "loader_for": loader_for, "accelerator": accelerator}
+    return linear_probe(train, test, data["num_classes"], cfg, augmented, device=accelerator.device)
+
+
+def run_finetune(argv: list[str] | None = None) -> int:
+    """``eval/finetune.py``: MAE's full fine-tuning protocol; resumes when run again."""
+    from sslvit.evaluation.features import balanced_subset
+    from sslvit.evaluation.finetune import FinetuneConfig, finetune
+    from sslvit.recipe import apply_overrides
+
+    p = _parser("finetune", "Fine-tune an encoder into a classifier (MAE protocol); run it again to resume.")
+    _add_set(p, "FinetuneConfig fields, e.g. epochs=50 layer_decay=0.75 base_lr=1e-3 accum_steps=2")
+    p.add_argument("--output-dir", help="checkpoints and the model (default: <run>/finetune or ./finetune-<sha>)")
+    args = p.parse_args(argv)
+    started = time.perf_counter()
+    cfg = apply_overrides(FinetuneConfig(batch_size_per_device=args.batch_size), args.overrides)
+    cfg.validate()
+    setup = _setup(args, started)
+    run_dir = setup.identity.get("run_dir")
+    default_dir = Path(run_dir) / "finetune" if run_dir else Path(f"finetune-{setup.identity['sha256']}")
+    out_dir = Path(args.output_dir) if args.output_dir else default_dir
+    train_idx = balanced_subset(setup.train.labels, args.limit_train)
+    test_idx = balanced_subset(setup.test.labels, args.limit_test)
+    result = finetune(setup.encoder, setup.identity, setup.train, setup.test, cfg, out_dir=out_dir,
+                      data_cfg=setup.data_cfg, train_indices=train_idx, test_indices=test_idx,
+                      crop_pct=setup.crop_pct)  # fmt: skip
+    if not _is_main_process():
+        return 0
+    extra = {k: result[k] for k in ("history", "model_dir", "resumed_from_epoch")}
+    report = _report("finetune", setup, args, "mae-finetune", _data_report(setup, args, len(train_idx), len(test_idx)),
+                     result["hyperparameters"], result["metrics"], **extra)  # fmt: skip
+    rows = [(h["epoch"], f"{h['loss']:.4f}", f"{h['top1']:.2f}", f"{h['top5']:.2f}") for h in result["history"]]
+    _write(report, args, rows, ("epoch", "loss", "top1", "top5"))
+    m = result["metrics"]
+    print(f"last top1 {m['top1']:.2f}, best top1 {m['best_top1']:.2f} (epoch {m['best_epoch']}); "
+          f"model: timm.create_model('local-dir:{result['model_dir']}', pretrained=True)")  # fmt: skip
+    return 0
+
+
+def _add_set(parser: argparse.ArgumentParser, help: str) -> None:
+    parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                        help=help)  # fmt: skip
+
+
+def _is_main_process() -> bool:
+    from accelerate.state import PartialState
+
+    return PartialState().is_main_process
