@@ -14,7 +14,7 @@ from dataclasses import replace
 from sslvit.recipes.mae_vit_b import RECIPE as MAE_VIT_B
 
 from sslvit.objectives.mae import MAEConfig
-from sslvit.recipe import DataConfig, LogConfig, ModelConfig, OptimConfig, ScheduleConfig, TrainConfig
+from sslvit.recipe import DataConfig, EvalConfig, LogConfig, ModelConfig, OptimConfig, ScheduleConfig, TrainConfig
 
 RECIPE = replace(
     MAE_VIT_B,
@@ -28,4 +28,5 @@ RECIPE = replace(
     schedule=ScheduleConfig(epochs=30, warmup_epochs=3),
     train=TrainConfig(global_batch_size=64, batch_size_per_device=64, precision="no", checkpoint_every=200),
     log=LogConfig(every=10, image_every=100),
+    eval=EvalConfig(knn_every=220, data="digits", limit_train=1437, limit_test=360),  # online k-NN, all of digits
 )  # fmt: skip

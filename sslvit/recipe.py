@@ -156,6 +156,28 @@ class LogConfig:
 
 
 @dataclass
+class EvalConfig:
+    """The online k-NN monitor: every ``knn_every`` steps, a quick k-NN of the encoder on labelled data.
+
+    It logs ``knn/top1`` and ``knn/top5`` to TensorBoard, so a run shows whether its representation improves
+    long before it ends. ``data`` is any labelled source ``data.path`` accepts ("" = ``data.path`` itself).
+    """
+
+    knn_every: int = 0  # 0 = off
+    data: str = ""
+    train_split: str = "train"
+    test_split: str = ""  # "" = the first of test, val, validation that exists
+    limit_train: int = 5000  # class-balanced subsets keep the monitor cheap
+    limit_test: int = 1000
+    k: int = 20
+
+    def validate(self) -> None:
+        _check(self.knn_every >= 0, "eval.knn_every must be >= 0 (0 = off)")
+        _check(self.limit_train > 0 and self.limit_test > 0, "eval.limit_train and eval.limit_test must be positive")
+        _check(self.k > 0, "eval.k must be positive")
+
+
+@dataclass
 class Recipe:
     """A whole pretraining recipe. ``objective`` is the config dataclass of one objective (it has a ``name``)."""
 
@@ -166,11 +188,13 @@ class Recipe:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     name: str = ""
 
     def validate(self) -> None:
         """Raise :class:`RecipeError` naming the first field that holds an impossible value."""
-        for section in (self.model, self.objective, self.data, self.optim, self.schedule, self.train, self.log):
+        sections = (self.model, self.objective, self.data, self.optim, self.schedule, self.train, self.log, self.eval)
+        for section in sections:
             section.validate()
 
     def to_dict(self) -> dict[str, Any]:

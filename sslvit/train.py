@@ -16,7 +16,8 @@ import math
 import os
 import time
 from collections import Counter
-from dataclasses import asdict
+from collections.abc import Callable
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -104,7 +105,8 @@ def pretrain(recipe: Recipe, run_dir: Path) -> dict[str, Any]:
     accelerator.init_trackers("tensorboard", config=_hparams(recipe, derived))
     resumed = _resume(accelerator, run_dir)
     vis_batch = _fixed_batch(dataset, recipe.log.num_images, accelerator.device, recipe.data.streaming)
-    summary = _train_loop(accelerator, model, optimizer, loader, recipe, derived, run_dir, resumed, vis_batch)
+    monitor = _knn_monitor(recipe, accelerator)
+    summary = _train_loop(accelerator, model, optimizer, loader, recipe, derived, run_dir, resumed, vis_batch, monitor)
     unwrapped: Objective = accelerator.unwrap_model(model)
     if accelerator.is_main_process:
         info = _encoder_info(unwrapped, recipe)
@@ -214,7 +216,7 @@ def _apply_schedules(optimizer: torch.optim.Optimizer, recipe: Recipe, derived: 
     return {"lr": lr, "weight_decay": wd}
 
 
-def _train_loop(accelerator, model, optimizer, loader, recipe, derived, run_dir, resumed, vis_batch) -> dict[str, Any]:
+def _train_loop(accelerator, model, optimizer, loader, recipe, derived, run_dir, resumed, vis_batch, monitor):
     objective: Objective = accelerator.unwrap_model(model)
     encoder_info = _encoder_info(objective, recipe)
     total, accum = derived.total_steps, derived.grad_accum_steps
@@ -245,12 +247,35 @@ def _train_loop(accelerator, model, optimizer, loader, recipe, derived, run_dir,
         window.add(step, out, scheduled, grad_norm, finite)
         if recipe.log.image_every and vis_batch is not None and step % recipe.log.image_every == 0:
             _log_images(accelerator, objective, vis_batch, step)
+        if monitor is not None and (step % recipe.eval.knn_every == 0 or step == total):
+            window.last.update(monitor(objective.encoder_for_export(), step))
         if step % recipe.train.checkpoint_every == 0 or step == total:
             state = {"step": step, "epoch": epoch, "recipe": recipe.name, "world_size": accelerator.num_processes,
                      "last_log": window.last, **encoder_info}  # fmt: skip
             save_checkpoint(accelerator, run_dir / "checkpoints", step, recipe.train.keep_checkpoints, state)
     _report_skipped(accelerator, skipped, epoch, step)
     return window.close(step - first_step)
+
+
+def _knn_monitor(recipe: Recipe, accelerator: Accelerator) -> Callable | None:
+    """The online k-NN monitor (``eval.knn_every``), its data opened now so a mistake fails before training."""
+    if not recipe.eval.knn_every:
+        return None
+    from sslvit.evaluation.features import open_labelled
+    from sslvit.evaluation.knn import knn_eval
+
+    cfg = replace(recipe.data, path=recipe.eval.data or recipe.data.path, streaming=False, num_workers=0)
+    train, test, _ = open_labelled(cfg, recipe.eval.train_split, recipe.eval.test_split or None)
+    limits = {"limit_train": recipe.eval.limit_train, "limit_test": recipe.eval.limit_test}
+
+    def run(encoder: torch.nn.Module, step: int) -> dict[str, float]:
+        result = knn_eval(encoder, train, test, ks=(recipe.eval.k,), accelerator=accelerator, data_cfg=cfg, **limits)
+        accelerator.log({"knn/top1": result["top1"], "knn/top5": result["top5"]}, step=step)
+        if accelerator.is_main_process:
+            log.info("step %d: k-NN (k=%d) top1 %.2f%%, top5 %.2f%%", step, result["k"], result["top1"], result["top5"])
+        return {"knn_top1": result["top1"], "knn_top5": result["top5"]}
+
+    return run
 
 
 def _train_step(accelerator, model, optimizer, batches, accum, progress, clip_grad, skipped):
@@ -363,7 +388,7 @@ class _Window:
         self.bar.close()
         images_per_s = ran * self.global_batch / (time.perf_counter() - self.started) if ran else None
         return {"steps": self.bar.n, "steps_this_run": ran, "final_loss": self.last.get("loss"),
-                "images_per_s": images_per_s}  # fmt: skip
+                "images_per_s": images_per_s, "knn_top1": self.last.get("knn_top1")}  # fmt: skip
 
 
 def _encoder_info(objective: Objective, recipe: Recipe) -> dict[str, Any]:

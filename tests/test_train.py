@@ -120,3 +120,26 @@ def _png(seed: int) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def test_online_knn_monitor_logs_top1_during_pretraining(tmp_path, caplog):
+    caplog.set_level("INFO", logger="sslvit")
+    recipe = tiny_recipe("quickstart", "train.max_steps=2", "eval.knn_every=1", "eval.data=digits",
+                         "eval.limit_train=100", "eval.limit_test=50", "log.image_every=0")  # fmt: skip
+    summary = pretrain(recipe, tmp_path)
+    events = EventAccumulator(str(tmp_path / "tensorboard")).Reload()
+    assert [e.step for e in events.Scalars("knn/top1")] == [1, 2]
+    assert 0 <= summary["knn_top1"] <= 100 and summary["knn_top1"] == events.Scalars("knn/top1")[-1].value
+    assert any("k-NN (k=20) top1" in r.message for r in caplog.records)
+
+
+def test_online_knn_monitor_needs_labelled_data_before_any_work(tmp_path):
+    from PIL import Image
+
+    (tmp_path / "flat").mkdir()
+    for i in range(20):
+        Image.new("RGB", (32, 32), (i * 10, 0, 0)).save(tmp_path / "flat" / f"{i}.png")
+    recipe = tiny_recipe("quickstart", "eval.knn_every=1", f"eval.data={tmp_path / 'flat'}")
+    with pytest.raises(DataError, match="evaluation needs labels"):
+        pretrain(recipe, tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists()
