@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from sslvit.recipe import Recipe, apply_overrides, load_recipe
 
@@ -32,6 +33,15 @@ def tiny_recipe(name: str = "quickstart", *overrides: str) -> Recipe:
     recipe = apply_overrides(load_recipe(name), [*base, *overrides])
     recipe.validate()
     return recipe
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: on a busy CPU, waiting for a second thread costs more than it saves."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

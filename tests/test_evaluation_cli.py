@@ -25,13 +25,7 @@ RANDOM_TINY = ["--encoder", "vit_tiny_patch16_224", "--weights", "random", "--mo
 DIGITS = ["--data", "digits", "--limit-train", "300", "--limit-test", "100", "--num-workers", "0"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny tensors: on a busy CPU, waiting for a second thread costs more than it saves
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_knn_writes_the_report_and_a_second_run_extracts_nothing(tmp_path, monkeypatch, capsys):

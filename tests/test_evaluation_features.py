@@ -15,13 +15,7 @@ from sslvit.recipe import DataConfig
 DIGITS = DataConfig(path="digits", num_workers=0)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny tensors: on a busy CPU, waiting for a second thread costs more than it saves
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -10,14 +10,7 @@ from sslvit.data import open_source
 from sslvit.evaluation.knn import knn_classify, knn_eval
 from sslvit.recipe import DataConfig
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny tensors: on a busy CPU, waiting for a second thread costs more than it saves
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def dino_knn_classifier(train_features, train_labels, test_features, test_labels, k, T, num_classes):

@@ -10,14 +10,7 @@ from sslvit.errors import RecipeError
 from sslvit.evaluation.features import Features
 from sslvit.evaluation.linear import LinearConfig, LinearHeads, linear_probe, make_optimizer, probe_inputs
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny tensors: on a busy CPU, waiting for a second thread costs more than it saves
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _toy(n: int, dim: int = 16, classes: int = 5, seed: int = 0) -> Features:

@@ -19,13 +19,7 @@ ARGS = {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 192, "num_head
 NAME = "vit_tiny_patch16_224"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny tensors: on a busy CPU, waiting for a second thread costs more than it saves
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
