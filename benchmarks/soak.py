@@ -41,7 +41,8 @@ def main() -> None:
         load_recipe("quickstart"),
         ["model.depth=2", "model.embed_dim=64", "model.num_heads=2", "objective.decoder_depth=1",
          "train.global_batch_size=16", "train.batch_size_per_device=16", f"train.max_steps={args.steps}",
-         f"train.checkpoint_every={args.checkpoint_every}", "log.every=50", "log.image_every=500", "data.num_workers=2"],
+         f"train.checkpoint_every={args.checkpoint_every}", "log.every=50", "log.image_every=500",
+         "data.num_workers=2"],
     )  # fmt: skip
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as run:
