@@ -248,7 +248,8 @@ def test_two_processes_average_the_centre_and_keep_the_teacher_identical(tmp_pat
            str(ROOT / "tests" / "dist_dino_check.py"), str(tmp_path)]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    errors = [line for line in (result.stdout + result.stderr).splitlines() if "Error" in line or "error:" in line]
+    assert result.returncode == 0, "\n".join(errors[:30]) + result.stderr[-2000:]  # every rank's error first
     assert result.stdout.count("dist_dino_check: ok") == 2, result.stdout[-3000:]
 
 
