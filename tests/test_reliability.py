@@ -46,7 +46,13 @@ def _kill_at_random_step(cmd: list[str], out: Path, rng: random.Random) -> int:
     return int(saved[-1].name.split("_")[1])
 
 
-@pytest.mark.parametrize(("recipe", "extra"), [("quickstart", ["objective.decoder_depth=1"])])
+@pytest.mark.parametrize(
+    ("recipe", "extra"),
+    [
+        ("quickstart", ["objective.decoder_depth=1"]),
+        ("quickstart_dino", ["objective.out_dim=64", "objective.local_crops_number=2", "model.drop_path_rate=0.1"]),
+    ],
+)
 def test_sigkill_and_rerun_is_bit_identical_to_an_uninterrupted_run(tmp_path, recipe, extra):
     reference = subprocess.run(_command(recipe, tmp_path / "ref", *extra), capture_output=True, text=True)
     assert reference.returncode == 0, reference.stderr[-3000:]
