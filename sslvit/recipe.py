@@ -143,7 +143,7 @@ class TrainConfig:
 
 @dataclass
 class LogConfig:
-    """TensorBoard logging: scalars every ``every`` steps, images every ``image_every`` steps (0 = never)."""
+    """TensorBoard: scalars every ``every`` steps; images every ``image_every`` steps and at the end (0: never)."""
 
     every: int = 20
     image_every: int = 1000

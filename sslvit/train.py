@@ -245,7 +245,7 @@ def _train_loop(accelerator, model, optimizer, loader, recipe, derived, run_dir,
             _handle_bad_step(accelerator, recipe, run_dir, step, bad_in_a_row)
         step += 1
         window.add(step, out, scheduled, grad_norm, finite)
-        if recipe.log.image_every and vis_batch is not None and step % recipe.log.image_every == 0:
+        if recipe.log.image_every and vis_batch is not None and (step % recipe.log.image_every == 0 or step == total):
             _log_images(accelerator, objective, vis_batch, step)
         if monitor is not None and (step % recipe.eval.knn_every == 0 or step == total):
             window.last.update(monitor(objective.encoder_for_export(), step))
