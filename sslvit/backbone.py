@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Any
 
 import timm
-import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from sslvit.errors import RecipeError
@@ -52,17 +51,6 @@ def build_vit(cfg: ModelConfig, **extra: Any) -> VisionTransformer:
     return model
 
 
-def grid_size(vit: VisionTransformer) -> tuple[int, int]:
-    """Patch grid (rows, columns) at the backbone's native image size."""
-    return tuple(vit.patch_embed.grid_size)
-
-
 def patch_size(vit: VisionTransformer) -> int:
     """Side of one square patch in pixels."""
     return int(vit.patch_embed.patch_size[0])
-
-
-@torch.no_grad()
-def encoder_features(vit: VisionTransformer, images: torch.Tensor) -> torch.Tensor:
-    """Pooled features of ``images: (N, 3, H, W)`` as timm's ``forward`` returns them: ``(N, embed_dim)``."""
-    return vit(images)
