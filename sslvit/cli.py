@@ -44,6 +44,7 @@ def resolve(recipe_name: str, overrides: list[str]):
 
 def run_pretrain(argv: list[str] | None = None) -> int:
     args = pretrain_parser().parse_args(argv)
+    from sslvit.accel import launched_world_size
     from sslvit.recipe import derive, list_recipes, resolved_json
 
     if args.list_recipes:
@@ -54,7 +55,7 @@ def run_pretrain(argv: list[str] | None = None) -> int:
         raise UserError("--recipe is required (see --list-recipes), e.g. --recipe quickstart")
     recipe = resolve(args.recipe, args.overrides)
     if args.print_config:
-        print(resolved_json(recipe, derive(recipe, int(os.environ.get("WORLD_SIZE", "1")), _count(recipe))))
+        print(resolved_json(recipe, derive(recipe, launched_world_size(), _count(recipe))))
         return 0
     if not recipe.data.path:
         raise UserError(f"recipe {recipe.name} needs data.path: add --set data.path=/path/to/images")

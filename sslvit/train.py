@@ -13,7 +13,6 @@ import itertools
 import json
 import logging
 import math
-import os
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -32,6 +31,7 @@ from accelerate.utils import (
 from tqdm.auto import tqdm
 
 from sslvit import data
+from sslvit.accel import launched_world_size, make_accelerator
 from sslvit.backbone import build_vit, model_args
 from sslvit.checkpoint import export_encoder, latest_checkpoint, load_checkpoint, save_checkpoint
 from sslvit.errors import DataError, RecipeError, TrainingDiverged
@@ -63,18 +63,13 @@ def pretrain(recipe: Recipe, run_dir: Path) -> dict[str, Any]:
         A summary: steps, images/s, final loss, the run folder and the export folder.
     """
     recipe.validate()
-    derive(recipe, _world_size(), None)  # a batch that does not split over the processes fails before any work
-    accelerator = Accelerator(
-        # Without cpu=True, Accelerate ignores a multi-process launch on a machine with no GPU (each process
-        # would train alone); with it, the processes join one gloo group.
-        cpu=not _has_accelerator(),
+    derive(recipe, launched_world_size(), None)  # a batch that does not split over the processes fails before any work
+    accelerator = make_accelerator(
         mixed_precision=recipe.train.precision,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=recipe.train.seed),
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir)),
         log_with="tensorboard",
     )
-    if accelerator.num_processes != _world_size():
-        raise RuntimeError(f"launched {_world_size()} processes but Accelerate joined {accelerator.num_processes}")
     set_seed(recipe.train.seed)
     objective_cls = OBJECTIVES[recipe.objective.name]
     encoder = build_vit(recipe.model, **objective_cls.backbone_kwargs(recipe.objective))
@@ -114,15 +109,6 @@ def pretrain(recipe: Recipe, run_dir: Path) -> dict[str, Any]:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return {**summary, "run_dir": str(run_dir), "encoder": str(run_dir / "encoder")}
-
-
-def _has_accelerator() -> bool:
-    mps = getattr(torch.backends, "mps", None)
-    return torch.cuda.is_available() or bool(mps and mps.is_available())
-
-
-def _world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def _open_data(recipe: Recipe, objective: Objective, accelerator: Accelerator) -> tuple[Any, str, int | None]:

@@ -177,9 +177,9 @@ def _write(report: dict[str, Any], args, rows: list[tuple[str, ...]], header: tu
 
 
 def _accelerator(precision: str):
-    from accelerate import Accelerator
+    from sslvit.accel import make_accelerator
 
-    return Accelerator(mixed_precision=precision)
+    return make_accelerator(mixed_precision=precision)
 
 
 def run_knn(argv: list[str] | None = None) -> int:

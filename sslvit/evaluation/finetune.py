@@ -37,6 +37,7 @@ from timm.optim import param_groups_layer_decay
 from timm.scheduler import CosineLRScheduler
 from torch.utils.data import Subset
 
+from sslvit.accel import make_accelerator
 from sslvit.checkpoint import export_encoder, latest_checkpoint, read_trainer_state, save_checkpoint
 from sslvit.data import ImageSource, TransformedImages, make_loader
 from sslvit.errors import CheckpointError, DataError, RecipeError
@@ -210,7 +211,7 @@ def finetune(encoder: torch.nn.Module, identity: dict[str, Any], train_source: I
         ``history`` (per epoch), ``model_dir``, ``resumed_from_epoch``.
     """
     cfg.validate()
-    accelerator = Accelerator(
+    accelerator = make_accelerator(
         mixed_precision=cfg.precision, gradient_accumulation_steps=cfg.accum_steps,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
     )  # fmt: skip
