@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint format clean
+.PHONY: install demo test lint format clean bench bench-gpu
 
 install: $(STAMP)
 
@@ -20,6 +20,17 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# CPU benchmark set (< 10 min on 2 cores); each script prints one JSON object per measurement. See BENCHMARKS.md.
+bench: $(STAMP)
+	$(PY) benchmarks/throughput.py --suite cpu
+	$(PY) benchmarks/pretrain_e2e.py --suite cpu
+	$(PY) benchmarks/eval_speed.py --suite cpu
+
+# GPU set: run on a machine with a CUDA device (say which card in BENCHMARKS.md).
+bench-gpu: $(STAMP)
+	$(PY) benchmarks/throughput.py --suite gpu
+	$(PY) benchmarks/pretrain_e2e.py --suite gpu
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
