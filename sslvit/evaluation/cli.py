@@ -24,8 +24,8 @@ from typing import Any
 KINDS = {"knn": "k-NN", "linear_probe": "linear probe", "finetune": "fine-tuning"}
 
 
-def _parser(kind: str, description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=f"eval/{kind}.py", description=description)
+def add_encoder_arguments(p: argparse.ArgumentParser) -> None:
+    """``--encoder``, ``--weights`` and ``--model-args``: what every command that loads an encoder takes."""
     p.add_argument(
         "--encoder",
         required=True,
@@ -40,6 +40,11 @@ def _parser(kind: str, description: str) -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="timm create_model arguments for a timm model name, e.g. img_size=32 patch_size=4",
     )
+
+
+def _parser(kind: str, description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"eval/{kind}.py", description=description)
+    add_encoder_arguments(p)
     p.add_argument("--data", required=True, help="digits, an image folder, parquet/arrow files or a Hub dataset id")
     p.add_argument("--train-split", default="train")
     p.add_argument("--test-split", help="default: the first of test, val, validation that exists")
