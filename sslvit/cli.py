@@ -106,6 +106,12 @@ def run_list(argv: list[str] | None = None) -> int:
     return run_pretrain(["--list-recipes"])
 
 
+def run_attention_distance(argv: list[str] | None = None) -> int:
+    from sslvit.evaluation.attention import run_attention_distance as run  # imports torch: only when asked
+
+    return run(argv)
+
+
 COMMANDS: dict[str, Callable[[list[str] | None], int]] = {
     "pretrain": run_pretrain,
     "export": run_export,
@@ -113,6 +119,7 @@ COMMANDS: dict[str, Callable[[list[str] | None], int]] = {
     "knn": run_knn,
     "linear-probe": run_linear_probe,
     "finetune": run_finetune,
+    "attention-distance": run_attention_distance,
 }
 
 
