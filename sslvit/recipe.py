@@ -29,6 +29,9 @@ class ModelConfig:
 
     ``name`` is an exact timm model name; ``depth``, ``embed_dim`` and ``num_heads`` override the
     architecture's own values when set (tiny test models), and are kept in the export so timm rebuilds it.
+    ``init`` starts a fresh run from existing weights (continued pretraining): an sslvit run folder, an
+    ``encoder/`` export (also ``local-dir:PATH``), a checkpoint folder or a ``.safetensors``/``.pth`` file;
+    position embeddings are resampled when the patch grid differs. "" = random init.
     """
 
     name: str = "vit_base_patch16_224"
@@ -38,9 +41,15 @@ class ModelConfig:
     depth: int | None = None
     embed_dim: int | None = None
     num_heads: int | None = None
+    init: str = ""
 
     def validate(self) -> None:
         _check(self.img_size > 0 and self.patch_size > 0, "model.img_size and model.patch_size must be positive")
+        _check(
+            not self.init.startswith(("hf-hub:", "hf_hub:", "timm/")),
+            f"model.init={self.init} needs the network; download the weights file and set model.init to its path",
+        )
+        _check(self.init.strip() != "local-dir:", "model.init=local-dir: needs a path, e.g. local-dir:runs/a/encoder")
         _check(
             self.img_size % self.patch_size == 0,
             f"model.img_size={self.img_size} is not divisible by model.patch_size={self.patch_size}; "

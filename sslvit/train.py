@@ -37,6 +37,7 @@ from sslvit.checkpoint import export_encoder, latest_checkpoint, load_checkpoint
 from sslvit.errors import DataError, RecipeError, TrainingDiverged
 from sslvit.objectives import OBJECTIVES, Objective, Progress
 from sslvit.recipe import Derived, Recipe, derive, resolved_json
+from sslvit.weights import describe_init, init_weights
 
 log = logging.getLogger("sslvit")
 
@@ -74,6 +75,9 @@ def pretrain(recipe: Recipe, run_dir: Path) -> dict[str, Any]:
     objective_cls = OBJECTIVES[recipe.objective.name]
     encoder = build_vit(recipe.model, **objective_cls.backbone_kwargs(recipe.objective))
     objective = objective_cls(encoder, recipe.objective)
+    # model.init: at a fresh start only, after the objective (which may re-initialise the encoder it wraps)
+    fresh = latest_checkpoint(run_dir / "checkpoints") is None
+    init = init_weights(recipe.model.init, encoder, objective) if recipe.model.init and fresh else None
     dataset, description, num_samples = _open_data(recipe, objective, accelerator)
     derived = derive(recipe, accelerator.num_processes, num_samples)
     if num_samples is not None and not derived.steps_per_epoch:
@@ -99,6 +103,10 @@ def pretrain(recipe: Recipe, run_dir: Path) -> dict[str, Any]:
         model, optimizer, loader = accelerator.prepare(objective, optimizer, loader)
     accelerator.init_trackers("tensorboard", config=_hparams(recipe, derived))
     resumed = _resume(accelerator, run_dir)
+    resumed.setdefault("init", init)  # recorded in every checkpoint's trainer_state.json
+    if recipe.model.init and accelerator.is_main_process:
+        for line in describe_init(recipe.model.init, init):
+            log.info(line)
     vis_batch = _fixed_batch(dataset, recipe.log.num_images, accelerator.device, recipe.data.streaming)
     monitor = _knn_monitor(recipe, accelerator)
     summary = _train_loop(accelerator, model, optimizer, loader, recipe, derived, run_dir, resumed, vis_batch, monitor)
@@ -237,7 +245,7 @@ def _train_loop(accelerator, model, optimizer, loader, recipe, derived, run_dir,
             window.last.update(monitor(objective.encoder_for_export(), step))
         if step % recipe.train.checkpoint_every == 0 or step == total:
             state = {"step": step, "epoch": epoch, "recipe": recipe.name, "world_size": accelerator.num_processes,
-                     "last_log": window.last, **encoder_info}  # fmt: skip
+                     "last_log": window.last, "init": resumed["init"], **encoder_info}  # fmt: skip
             save_checkpoint(accelerator, run_dir / "checkpoints", step, recipe.train.keep_checkpoints, state)
     _report_skipped(accelerator, skipped, epoch, step)
     return window.close(step - first_step)

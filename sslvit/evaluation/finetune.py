@@ -44,6 +44,7 @@ from sslvit.errors import CheckpointError, DataError, RecipeError
 from sslvit.evaluation.features import eval_loader
 from sslvit.recipe import DataConfig
 from sslvit.views import eval_transform
+from sslvit.weights import fit_state_dict
 
 log = logging.getLogger("sslvit.evaluation")
 
@@ -106,12 +107,10 @@ def build_classifier(encoder: torch.nn.Module, identity: dict[str, Any], num_cla
     """
     args = {**identity["model_args"], "num_classes": num_classes, "global_pool": cfg.global_pool}
     model = timm.create_model(identity["architecture"], pretrained=False, drop_path_rate=cfg.drop_path_rate, **args)
-    missing, unexpected = model.load_state_dict(encoder.state_dict(), strict=False)
-    avg = cfg.global_pool == "avg"
-    new_ok = {"head.weight", "head.bias"} | ({"fc_norm.weight", "fc_norm.bias"} if avg else set())
-    if set(missing) - new_ok or set(unexpected) - ({"norm.weight", "norm.bias"} if avg else set()):
-        raise CheckpointError(f"the encoder does not fit {identity['architecture']} with a classifier head: missing "
-                              f"{sorted(set(missing) - new_ok)}, unexpected {unexpected}")  # fmt: skip
+    avg = cfg.global_pool == "avg"  # the shared fit: pos_embed resampled if the encoder's grid differs
+    new_ok, ignore_ok = (("head.", "fc_norm."), ("norm.",)) if avg else (("head.",), ())
+    fit_state_dict(model, encoder.state_dict(), "the encoder", f"{identity['architecture']} with a classifier head",
+                   new_ok=new_ok, ignore_ok=ignore_ok)  # fmt: skip
     torch.nn.init.trunc_normal_(model.head.weight, std=2e-5)  # MAE: following MoCo v3
     torch.nn.init.zeros_(model.head.bias)
     return model, args
