@@ -221,9 +221,10 @@ RECIPE_PACKAGE = "sslvit.recipes"  # recipes/ is installed as this package (see 
 
 
 def list_recipes() -> list[str]:
-    """Names of the recipes that ship with sslvit, sorted."""
+    """Names of the pretraining recipes that ship with sslvit, sorted."""
     package = importlib.import_module(RECIPE_PACKAGE)
-    return sorted(m.name for m in pkgutil.iter_modules(package.__path__) if not m.name.startswith("_"))
+    # recipes/finetune_*.py are fine-tuning recipes (sslvit.evaluation.finetune.list_finetune_recipes)
+    return sorted(m.name for m in pkgutil.iter_modules(package.__path__) if not m.name.startswith(("_", "finetune_")))
 
 
 def load_recipe(name_or_path: str) -> Recipe:

@@ -269,21 +269,34 @@ def _linear(setup: Setup, args, cfg, train, test, data, accelerator) -> dict[str
 
 
 def run_finetune(argv: list[str] | None = None) -> int:
-    """``eval/finetune.py``: MAE's full fine-tuning protocol; resumes when run again."""
+    """``eval/finetune.py``: full fine-tuning with a named recipe (default: MAE's protocol); resumes when run again."""
     from sslvit.evaluation.features import balanced_subset
-    from sslvit.evaluation.finetune import FinetuneConfig, finetune
+    from sslvit.evaluation.finetune import DEFAULT_RECIPE, finetune, list_finetune_recipes, load_finetune_recipe
     from sslvit.recipe import apply_overrides
 
-    p = _parser("finetune", "Fine-tune an encoder into a classifier (MAE protocol); run it again to resume.")
+    if _wants_recipe_list(argv):
+        for name, summary in list_finetune_recipes().items():
+            print(f"{name:28s} {summary}")
+        return 0
+    p = _parser("finetune", "Fine-tune an encoder into a classifier with a recipe; run it again to resume.")
+    p.add_argument("--recipe", default=DEFAULT_RECIPE, help=f"a fine-tuning recipe name or .py file (default: "
+                   f"{DEFAULT_RECIPE}; finetune_deit_small_data for a few thousand images)")  # fmt: skip
+    p.add_argument("--list-recipes", action="store_true", help="list the fine-tuning recipes and exit")
+    p.set_defaults(batch_size=None)  # the recipe's batch_size_per_device unless --batch-size is given
     _add_set(p, "FinetuneConfig fields, e.g. epochs=50 layer_decay=0.75 base_lr=1e-3 accum_steps=2")
-    p.add_argument("--output-dir", help="checkpoints and the model (default: <run>/finetune or ./finetune-<sha>)")
+    p.add_argument("--output-dir", help="checkpoints and the model (default: <run>/finetune for the default "
+                   "recipe, <run>/<recipe> for another, or ./<recipe>-<sha> outside a run)")  # fmt: skip
     args = p.parse_args(argv)
     started = time.perf_counter()
-    cfg = apply_overrides(FinetuneConfig(batch_size_per_device=args.batch_size), args.overrides)
+    recipe, cfg = load_finetune_recipe(args.recipe)
+    if args.batch_size:
+        cfg.batch_size_per_device = args.batch_size
+    cfg = apply_overrides(cfg, args.overrides)
     cfg.validate()
     setup = _setup(args, started)
     run_dir = setup.identity.get("run_dir")
-    default_dir = Path(run_dir) / "finetune" if run_dir else Path(f"finetune-{setup.identity['sha256']}")
+    folder = "finetune" if recipe == DEFAULT_RECIPE else recipe  # one folder per recipe: never resume another's
+    default_dir = Path(run_dir) / folder if run_dir else Path(f"{folder}-{setup.identity['sha256']}")
     out_dir = Path(args.output_dir) if args.output_dir else default_dir
     train_idx = balanced_subset(setup.train.labels, args.limit_train)
     test_idx = balanced_subset(setup.test.labels, args.limit_test)
@@ -293,14 +306,21 @@ def run_finetune(argv: list[str] | None = None) -> int:
     if not _is_main_process():
         return 0
     extra = {k: result[k] for k in ("history", "model_dir", "resumed_from_epoch")}
-    report = _report("finetune", setup, args, "mae-finetune", _data_report(setup, args, len(train_idx), len(test_idx)),
-                     result["hyperparameters"], result["metrics"], **extra)  # fmt: skip
+    report = _report("finetune", setup, args, recipe, _data_report(setup, args, len(train_idx), len(test_idx)),
+                     {"recipe": recipe, **result["hyperparameters"]}, result["metrics"], **extra)  # fmt: skip
     rows = [(h["epoch"], f"{h['loss']:.4f}", f"{h['top1']:.2f}", f"{h['top5']:.2f}") for h in result["history"]]
     _write(report, args, rows, ("epoch", "loss", "top1", "top5"))
     m = result["metrics"]
     print(f"last top1 {m['top1']:.2f}, best top1 {m['best_top1']:.2f} (epoch {m['best_epoch']}); "
           f"model: timm.create_model('local-dir:{result['model_dir']}', pretrained=True)")  # fmt: skip
     return 0
+
+
+def _wants_recipe_list(argv: list[str] | None) -> bool:
+    """``--list-recipes`` given: answered before the parser, which would first ask for --encoder and --data."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--list-recipes", action="store_true")
+    return pre.parse_known_args(sys.argv[1:] if argv is None else argv)[0].list_recipes
 
 
 def _add_set(parser: argparse.ArgumentParser, help: str) -> None:

@@ -12,14 +12,22 @@ pool with ``fc_norm`` (MAE's default) or the CLS token. The global batch is ``ba
 accum_steps`` and the lr ``base_lr x global batch / 256``. A checkpoint is saved every epoch (Accelerate
 ``save_state``); running the same command again resumes. The model is evaluated on the test split after every
 epoch (best and last accuracy are reported, as MAE reports its max) and exported in timm's ``local-dir`` layout.
+
+Named fine-tuning recipes live next to the pretraining ones, as ``recipes/finetune_*.py`` files that define
+``RECIPE = FinetuneConfig(...)``: ``finetune_mae`` (these defaults), ``finetune_deit`` (DeiT's ImageNet recipe:
+repeated augmentation through timm's ``RepeatAugSampler``, no layer decay, warmup from 1e-6) and
+``finetune_deit_small_data``. ``sslvit finetune --recipe NAME`` picks one, ``--list-recipes`` lists them.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import importlib.util
 import json
 import logging
 import math
+import pkgutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -32,21 +40,26 @@ from accelerate.utils import DataLoaderConfiguration, set_seed
 from PIL import Image, ImageOps
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, auto_augment, create_transform
 from timm.data.auto_augment import RandAugment
+from timm.data.distributed_sampler import RepeatAugSampler
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import param_groups_layer_decay
 from timm.scheduler import CosineLRScheduler
-from torch.utils.data import Subset
+from torch.utils.data import DataLoader, Subset
 
 from sslvit.accel import make_accelerator
 from sslvit.checkpoint import export_encoder, latest_checkpoint, read_trainer_state, save_checkpoint
 from sslvit.data import ImageSource, TransformedImages, make_loader
 from sslvit.errors import CheckpointError, DataError, RecipeError
 from sslvit.evaluation.features import eval_loader
-from sslvit.recipe import DataConfig
+from sslvit.recipe import RECIPE_PACKAGE, DataConfig
 from sslvit.views import eval_transform
 from sslvit.weights import fit_state_dict
 
 log = logging.getLogger("sslvit.evaluation")
+
+
+FINETUNE_PREFIX = "finetune_"  # recipes/finetune_*.py are fine-tuning recipes; the other files pretrain
+DEFAULT_RECIPE = "finetune_mae"
 
 
 @dataclass
@@ -55,6 +68,8 @@ class FinetuneConfig:
 
     epochs: int = 100
     warmup_epochs: float = 5.0
+    min_warmup_steps: int = 0  # warmup lasts at least this many steps (a small set has few steps per epoch)
+    warmup_lr: float = 0.0  # the lr warmup starts from (MAE: 0; DeiT: 1e-6)
     batch_size_per_device: int = 64  # --batch-size sets it
     accum_steps: int = 1  # MAE ViT-B: 1024 images per step, e.g. 64 x 8 GPUs x 2
     base_lr: float = 5e-4  # per 256 images
@@ -68,6 +83,7 @@ class FinetuneConfig:
     hflip: float = 0.5  # flip probability; 0 for data where a mirror image is another class (digits, text)
     auto_augment: str = "rand-m9-mstd0.5-inc1"  # "" = none
     reprob: float = 0.25
+    repeated_aug: int = 1  # each sampled image this many times in a row, augmented independently (DeiT: 3); 1 = off
     mixup: float = 0.8
     cutmix: float = 1.0
     smoothing: float = 0.1
@@ -83,6 +99,8 @@ class FinetuneConfig:
                   (0 <= self.drop_path_rate < 1, "drop_path_rate must be in [0, 1)"),
                   (0 < self.scale_min <= 1, "scale_min must be in (0, 1]"),
                   (self.batch_size_per_device > 0, "batch_size_per_device must be positive"),
+                  (self.min_warmup_steps >= 0 and self.warmup_lr >= 0, "min_warmup_steps and warmup_lr must be >= 0"),
+                  (self.repeated_aug >= 1, "repeated_aug must be >= 1 (1 = off, DeiT: 3)"),
                   (self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1")]  # fmt: skip
         for ok, message in checks:
             if not ok:
@@ -93,6 +111,44 @@ class FinetuneConfig:
     @property
     def mixup_active(self) -> bool:
         return self.mixup > 0 or self.cutmix > 0
+
+
+def list_finetune_recipes() -> dict[str, str]:
+    """The shipped fine-tuning recipes: name -> the first line of the file's docstring, sorted by name."""
+    package = importlib.import_module(RECIPE_PACKAGE)
+    names = sorted(m.name for m in pkgutil.iter_modules(package.__path__) if m.name.startswith(FINETUNE_PREFIX))
+    return {name: _summary_line(importlib.import_module(f"{RECIPE_PACKAGE}.{name}").__doc__) for name in names}
+
+
+def load_finetune_recipe(name_or_path: str) -> tuple[str, FinetuneConfig]:
+    """A fine-tuning recipe by name (``recipes/finetune_*.py``) or by path to a file defining ``RECIPE``.
+
+    Returns:
+        ``(name, a copy of its FinetuneConfig)``: ``--set`` overrides never leak into the module's object.
+
+    Raises:
+        RecipeError: unknown name, missing file, or no ``RECIPE = FinetuneConfig(...)`` in it.
+    """
+    path = Path(name_or_path)
+    if path.suffix == ".py" or "/" in name_or_path:
+        if not path.is_file():
+            raise RecipeError(f"fine-tuning recipe file {name_or_path} does not exist")
+        spec = importlib.util.spec_from_file_location(f"sslvit_user_finetune_{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    else:
+        known = list_finetune_recipes()
+        if name_or_path not in known:
+            raise RecipeError(f"unknown fine-tuning recipe {name_or_path!r}; known: {', '.join(known)}")
+        module = importlib.import_module(f"{RECIPE_PACKAGE}.{name_or_path}")
+    recipe = getattr(module, "RECIPE", None)
+    if not isinstance(recipe, FinetuneConfig):
+        raise RecipeError(f"{module.__file__} must define RECIPE = FinetuneConfig(...) to be a fine-tuning recipe")
+    return path.stem, dataclasses.replace(recipe)
+
+
+def _summary_line(doc: str | None) -> str:
+    return (doc or "").strip().split("\n")[0]
 
 
 def build_classifier(encoder: torch.nn.Module, identity: dict[str, Any], num_classes: int,
@@ -247,21 +303,57 @@ def finetune(encoder: torch.nn.Module, identity: dict[str, Any], train_source: I
 
 def _train_loader(source: ImageSource, indices: np.ndarray, img_size: int, cfg: FinetuneConfig,
                   data_cfg: DataConfig, world_size: int) -> Any:  # fmt: skip
-    """Shuffled, augmented batches of ``source[indices]`` (drop_last: Mixup needs full, even batches)."""
+    """Shuffled, augmented batches of ``source[indices]`` (drop_last: Mixup needs full, even batches).
+
+    With ``cfg.repeated_aug`` > 1, timm's ``RepeatAugSampler`` (DeiT's ``RASampler``) draws each epoch: a shuffle,
+    each image repeated ``repeated_aug`` times in a row, cut to the dataset's length rounded down to 256 images.
+    """
     images = Subset(TransformedImages(source, train_transform(img_size, cfg)), indices.tolist())
-    loader = make_loader(images, cfg.batch_size_per_device, shuffle=True, drop_last=True, cfg=data_cfg, seed=cfg.seed)
+    loader = make_loader(images, cfg.batch_size_per_device, shuffle=cfg.repeated_aug == 1, drop_last=True,
+                         cfg=data_cfg, seed=cfg.seed)  # fmt: skip
+    if cfg.repeated_aug > 1:
+        loader = _with_sampler(loader, _SeededRepeatAugSampler(images, cfg.repeated_aug, cfg.seed))
     if len(loader) < cfg.accum_steps * world_size:
         raise DataError(f"{len(indices)} training images make less than one step of {cfg.batch_size_per_device} x "
                         f"{world_size} process(es) x {cfg.accum_steps}; lower --batch-size")  # fmt: skip
     return loader
 
 
+class _SeededRepeatAugSampler(RepeatAugSampler):
+    """timm's ``RepeatAugSampler`` for one stream, with the run's seed in its shuffle (timm seeds it by epoch alone).
+
+    One replica on purpose: Accelerate's ``prepare`` shards this stream's batches across processes, so a sampler
+    that also split by rank would shard twice. A ViT has no BatchNorm, so the copies of an image meet in one global
+    batch either way, as in DeiT, where each copy goes to another GPU.
+    """
+
+    def __init__(self, dataset: Subset, num_repeats: int, seed: int):
+        super().__init__(dataset, num_replicas=1, rank=0, shuffle=True, num_repeats=num_repeats)
+        self.seed = seed
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(self.seed * 1_000_003 + epoch)
+
+
+def _with_sampler(loader: DataLoader, sampler: RepeatAugSampler) -> DataLoader:
+    """``loader`` rebuilt around ``sampler`` (a DataLoader cannot swap its sampler once built)."""
+    extra = {"persistent_workers": loader.persistent_workers, "prefetch_factor": loader.prefetch_factor}
+    return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=sampler, drop_last=loader.drop_last,
+                      num_workers=loader.num_workers, collate_fn=loader.collate_fn, pin_memory=loader.pin_memory,
+                      generator=loader.generator, **(extra if loader.num_workers else {}))  # fmt: skip
+
+
 def _scheduler(optimizer: Any, cfg: FinetuneConfig, steps_per_epoch: int, derived: dict[str, Any]) -> Any:
-    """Linear warmup from 0 then a cosine to ``min_lr``, per step; each group's lr is scaled by its ``lr_scale``."""
-    total, warmup = steps_per_epoch * cfg.epochs, round(steps_per_epoch * cfg.warmup_epochs)
+    """Linear warmup from ``warmup_lr``, then a cosine to ``min_lr``, per step; groups keep their ``lr_scale``.
+
+    The warmup lasts ``warmup_epochs``, but at least ``min_warmup_steps`` (and at most the whole run).
+    """
+    total = steps_per_epoch * cfg.epochs
+    warmup = min(max(round(steps_per_epoch * cfg.warmup_epochs), cfg.min_warmup_steps), total)
     derived.update(steps_per_epoch=steps_per_epoch, total_steps=total, warmup_steps=warmup)
     return CosineLRScheduler(optimizer, t_initial=max(total - warmup, 1), lr_min=cfg.min_lr, warmup_t=warmup,
-                             warmup_lr_init=0.0, warmup_prefix=True, t_in_epochs=False)  # fmt: skip
+                             warmup_lr_init=cfg.warmup_lr, warmup_prefix=True, t_in_epochs=False)  # fmt: skip
 
 
 def _summary(cfg: FinetuneConfig, derived: dict[str, Any], history: list[dict[str, Any]], model_dir: Path,
