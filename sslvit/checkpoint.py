@@ -139,7 +139,7 @@ def load_exported_encoder(path: Path) -> torch.nn.Module:
     if not config_file.is_file() or not weights.is_file():
         raise CheckpointError(f"{path} is not an encoder export: it needs config.json and model.safetensors")
     config = json.loads(config_file.read_text())
-    model = timm.create_model(config["architecture"], pretrained=False, **config.get("model_args", {}))
+    model = _create(config["architecture"], config.get("model_args", {}), config.get("pretrained_cfg", {}))
     state = load_file(str(weights))
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
@@ -162,13 +162,19 @@ def encoder_from_checkpoint(checkpoint: Path) -> torch.nn.Module:
         raise CheckpointError(f"{checkpoint} has no model.safetensors; is it an sslvit training checkpoint?")
     prefix = state["encoder_prefix"]
     tensors = {k.removeprefix(prefix): v for k, v in load_file(str(weights)).items() if k.startswith(prefix)}
-    model = timm.create_model(state["architecture"], pretrained=False, **state["model_args"])
+    model = _create(state["architecture"], state["model_args"], state)
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     if missing or unexpected:
         raise CheckpointError(
             f"{weights} does not fit {state['architecture']}: missing {missing[:8]}, unexpected {unexpected[:8]}"
         )
     return model.eval()
+
+
+def _create(architecture: str, args: dict[str, Any], recorded: dict[str, Any]) -> torch.nn.Module:
+    """``timm.create_model`` with the recorded ``input_size`` (a CNN's training resolution: no model_args hold it)."""
+    overlay = {"input_size": tuple(recorded["input_size"])} if recorded.get("input_size") else None
+    return timm.create_model(architecture, pretrained=False, pretrained_cfg_overlay=overlay, **args)
 
 
 def export_run(run_dir: Path) -> Path:

@@ -15,7 +15,9 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import push_to_hf_hub, save_for_hf
 from timm.models._hub import generate_readme
+from timm.models.vision_transformer import VisionTransformer
 
+from sslvit.backbone import input_size
 from sslvit.checkpoint import encoder_from_checkpoint, latest_checkpoint, load_exported_encoder, read_trainer_state
 from sslvit.errors import CheckpointError, UserError
 
@@ -101,7 +103,7 @@ def push_to_hub(run_dir: Path, repo_id: str) -> str:
 
 
 class _Tokens(torch.nn.Module):
-    """The encoder's token features ``(N, 1 + L, D)``: the CLS token first, then the patch tokens."""
+    """timm's ``forward_features``: a ViT's tokens ``(N, 1 + L, D)`` (CLS first), a CNN's map ``(N, C, h, w)``."""
 
     def __init__(self, encoder: torch.nn.Module) -> None:
         super().__init__()
@@ -112,7 +114,8 @@ class _Tokens(torch.nn.Module):
 
 
 def export_onnx(run_dir: Path, path: Path, opset: int = 17) -> dict[str, Any]:
-    """Export the run's encoder to ONNX (input ``images``, output ``tokens``, dynamic batch) and check it.
+    """Export the run's encoder to ONNX (input ``images``, output ``tokens`` for a ViT, else ``features``: timm's
+    ``forward_features``; dynamic batch) at the encoder's image size, and check it.
 
     The check runs onnxruntime on two batch sizes and reports the largest absolute difference to PyTorch.
     """
@@ -120,16 +123,16 @@ def export_onnx(run_dir: Path, path: Path, opset: int = 17) -> dict[str, Any]:
         import onnxruntime
     except ImportError:
         raise UserError("ONNX export needs onnx and onnxruntime: pip install 'sslvit[onnx]'") from None
-    encoder, config = run_encoder(run_dir)
+    encoder, _ = run_encoder(run_dir)
     model = _Tokens(encoder).eval()
-    size = config["model_args"].get("img_size", 224)
-    size = size[0] if isinstance(size, list | tuple) else size
+    size = input_size(encoder)  # a CNN's comes from its pretrained_cfg: it has no img_size argument
+    output = "tokens" if isinstance(encoder, VisionTransformer) else "features"
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     example = torch.randn(2, 3, size, size)
     # The TorchScript-based exporter: it needs only onnx, where the dynamo exporter also needs onnxscript.
-    torch.onnx.export(model, (example,), str(path), input_names=["images"], output_names=["tokens"],
-                      dynamic_axes={"images": {0: "batch"}, "tokens": {0: "batch"}}, opset_version=opset,
+    torch.onnx.export(model, (example,), str(path), input_names=["images"], output_names=[output],
+                      dynamic_axes={"images": {0: "batch"}, output: {0: "batch"}}, opset_version=opset,
                       dynamo=False)  # fmt: skip
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     worst = 0.0
@@ -139,4 +142,5 @@ def export_onnx(run_dir: Path, path: Path, opset: int = 17) -> dict[str, Any]:
             expected = model(images).numpy()
         got = session.run(None, {"images": images.numpy()})[0]
         worst = max(worst, float(abs(got - expected).max()))
-    return {"onnx": str(path), "output": "tokens (N, 1 + L, D): CLS then patches", "max_abs_diff": worst}
+    shape = "tokens (N, 1 + L, D): CLS then patches" if output == "tokens" else f"features {tuple(expected.shape)}"
+    return {"onnx": str(path), "output": shape, "max_abs_diff": worst}

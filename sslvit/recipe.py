@@ -25,10 +25,11 @@ from sslvit.errors import RecipeError
 
 @dataclass
 class ModelConfig:
-    """The shared timm ViT backbone.
+    """The shared timm backbone: a ViT, or for DINO any timm model with a pooled feature (CNN, Swin, ...).
 
-    ``name`` is an exact timm model name; ``depth``, ``embed_dim`` and ``num_heads`` override the
-    architecture's own values when set (tiny test models), and are kept in the export so timm rebuilds it.
+    ``name`` is an exact timm model name; ``patch_size``, ``depth``, ``embed_dim`` and ``num_heads`` shape ViTs
+    only: they override the architecture's own values when set (tiny test models), and are kept in the export so
+    timm rebuilds it. Other families keep the shape their name gives and get ``img_size`` if they take one.
     ``init`` starts a fresh run from existing weights (continued pretraining): an sslvit run folder, an
     ``encoder/`` export (also ``local-dir:PATH``), a checkpoint folder or a ``.safetensors``/``.pth`` file;
     position embeddings are resampled when the patch grid differs. "" = random init.

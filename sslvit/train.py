@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from sslvit import data
 from sslvit.accel import launched_world_size, make_accelerator
-from sslvit.backbone import build_vit, model_args
+from sslvit.backbone import build_backbone, model_args
 from sslvit.checkpoint import export_encoder, latest_checkpoint, load_checkpoint, save_checkpoint
 from sslvit.errors import DataError, RecipeError, TrainingDiverged
 from sslvit.objectives import OBJECTIVES, Objective, Progress
@@ -73,7 +73,7 @@ def pretrain(recipe: Recipe, run_dir: Path) -> dict[str, Any]:
     )
     set_seed(recipe.train.seed)
     objective_cls = OBJECTIVES[recipe.objective.name]
-    encoder = build_vit(recipe.model, **objective_cls.backbone_kwargs(recipe.objective))
+    encoder = build_backbone(recipe.model, **objective_cls.backbone_kwargs(recipe.objective))
     objective = objective_cls(encoder, recipe.objective)
     # model.init: at a fresh start only, after the objective (which may re-initialise the encoder it wraps)
     fresh = latest_checkpoint(run_dir / "checkpoints") is None
@@ -393,6 +393,7 @@ def _encoder_info(objective: Objective, recipe: Recipe) -> dict[str, Any]:
         "architecture": recipe.model.name,
         "model_args": model_args(recipe.model, **type(objective).backbone_kwargs(recipe.objective)),
         "encoder_prefix": f"{prefix}.",
+        "input_size": [3, recipe.model.img_size, recipe.model.img_size],  # a CNN's model_args cannot hold it
     }
 
 

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.data_loader import prepare_data_loader
+from timm.models.vision_transformer import VisionTransformer
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
@@ -187,7 +188,11 @@ def encode(encoder: torch.nn.Module, images: torch.Tensor, n_blocks: int = N_BLO
     """Features of ``images: (B, 3, H, W)``: ``cls`` (B, D), ``patch_mean`` (B, D), ``cls_blocks`` (B, n, D).
 
     ``n`` is ``min(n_blocks, depth)``; every token is taken after the final norm (timm ``forward_intermediates``).
+    An encoder without blocks of tokens (a DINO-trained CNN, Swin, ...) gives its pooled feature for all three, n = 1.
     """
+    if not isinstance(encoder, VisionTransformer):
+        pooled = encoder(images)  # (B, D): timm's num_classes=0 forward
+        return {"cls": pooled, "patch_mean": pooled, "cls_blocks": pooled[:, None]}
     n = min(n_blocks, len(encoder.blocks))
     final, blocks = encoder.forward_intermediates(images, indices=n, norm=True, return_prefix_tokens=True,
                                                   output_fmt="NLC")  # fmt: skip

@@ -25,6 +25,7 @@ import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from sslvit.backbone import input_size  # noqa: E402
 from sslvit.evaluation.features import balanced_subset, default_crop_pct, extract_features  # noqa: E402
 from sslvit.recipe import DataConfig  # noqa: E402
 
@@ -117,7 +118,7 @@ def knn_eval(encoder: torch.nn.Module, train_source: Any, test_source: Any, *, k
     Returns:
         ``top1``, ``top5`` (in %) at the first k, that ``k``, ``per_k`` (every k), ``num_train``, ``num_test``.
     """
-    img_size = int(encoder.patch_embed.img_size[0])
+    img_size = input_size(encoder)
     options = {"img_size": img_size, "crop_pct": crop_pct or default_crop_pct(img_size), "batch_size": batch_size,
                "cfg": data_cfg or DataConfig(num_workers=0), "accelerator": accelerator}  # fmt: skip
     train, _ = extract_features(encoder, train_source, balanced_subset(train_source.labels, limit_train), **options)

@@ -23,8 +23,10 @@ from typing import Any
 
 import timm
 import torch
+from timm.models import get_model_traits
 from timm.models.vision_transformer import VisionTransformer
 
+from sslvit.backbone import input_size
 from sslvit.checkpoint import encoder_from_checkpoint, load_exported_encoder, read_trainer_state
 from sslvit.errors import CheckpointError, UserError
 from sslvit.weights import file_sha256, fit_state_dict, locate_folder, read_file, state_sha256
@@ -39,7 +41,7 @@ STANDARD_VITS = {192: ("tiny", 12, 3), 384: ("small", 12, 6), 768: ("base", 12, 
 
 def load_encoder(
     spec: str, weights: str | None = None, img_size: int | None = None, model_args: dict[str, Any] | None = None
-) -> tuple[VisionTransformer, dict[str, Any]]:
+) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Load an encoder (eval mode, ``num_classes=0``) and say exactly what was loaded.
 
     Args:
@@ -71,13 +73,12 @@ def load_encoder(
             f"--encoder {spec} is not a run folder, an encoder/ export, a checkpoint folder, a weights file or a "
             "timm model name (e.g. --encoder vit_base_patch16_224 --weights mae_pretrain_vit_base.pth)"
         )
-    if not isinstance(model, VisionTransformer):
-        raise CheckpointError(f"{spec} is a {type(model).__name__}; evaluation needs a timm VisionTransformer")
-    identity["pretrain_img_size"] = int(model.patch_embed.img_size[0])
+    identity["pretrain_img_size"] = input_size(model)  # any timm model: a ViT, or e.g. a DINO-trained CNN
     if img_size is not None and img_size != identity["pretrain_img_size"]:
         model = _at_resolution(model, identity, img_size)
-    identity["img_size"] = int(model.patch_embed.img_size[0])
-    identity["model_args"] = {**identity["model_args"], "img_size": identity["img_size"]}
+    identity["img_size"] = input_size(model) if img_size is None else img_size
+    if get_model_traits(model).get("img_size") is not None:  # a CNN takes no img_size argument
+        identity["model_args"] = {**identity["model_args"], "img_size": identity["img_size"]}
     return model.eval(), identity
 
 
@@ -85,7 +86,14 @@ def _at_resolution(model: VisionTransformer, identity: dict[str, Any], img_size:
     """The same architecture built for ``img_size``, its weights fitted by :func:`sslvit.weights.fit_state_dict`.
 
     That is the one resampling shared with fine-tuning and continued pretraining (``pos_embed`` in 2-D, bicubic).
+    A model without an ``img_size`` argument (a CNN) takes any size as it is.
     """
+    traits = get_model_traits(model)
+    if traits.get("fixed_input_size") and getattr(model, "pos_embed", None) is None:  # timm marks ViTs fixed too
+        size = identity["pretrain_img_size"]
+        raise UserError(f"{identity['architecture']} takes only {size} px images: drop --img-size")
+    if traits.get("img_size") is None:
+        return model
     patch = int(model.patch_embed.patch_size[0])
     if img_size % patch:
         raise UserError(f"--img-size {img_size} is not a multiple of the encoder's patch size {patch}")

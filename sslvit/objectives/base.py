@@ -1,7 +1,7 @@
 """The Objective interface every pretraining method implements.
 
 The training loop only ever talks to this interface, so adding an objective is one new file plus one line
-in :data:`sslvit.objectives.OBJECTIVES`. An objective composes the shared timm ViT (never subclasses it),
+in :data:`sslvit.objectives.OBJECTIVES`. An objective composes the shared timm backbone (never subclasses it),
 owns the schedules that belong to the method (EMA momentum, temperatures), and makes no Accelerator calls
 and no device moves: the loop does those.
 """
@@ -14,11 +14,10 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-from timm.models.vision_transformer import VisionTransformer
 from timm.optim import param_groups_weight_decay
 from torch import nn
 
-# Parameters never decayed besides biases and norms (timm's ViT.no_weight_decay() plus objectives' tokens).
+# Parameters never decayed besides biases, norms and what timm models list in no_weight_decay(): objectives' tokens.
 NO_DECAY_SUFFIXES = ("pos_embed", "cls_token", "reg_token", "dist_token", "mask_token")
 
 
@@ -40,7 +39,7 @@ class Progress:
 
 
 class Objective(nn.Module, ABC):
-    """A self-supervised objective around one shared timm ViT encoder.
+    """A self-supervised objective around one shared timm encoder (a ViT, or for some objectives any timm model).
 
     Subclasses set ``name`` and ``Config`` (their config dataclass, which has a ``name`` field equal to
     ``name`` and a ``validate()`` method) and implement :meth:`views`, :meth:`forward` and
@@ -67,7 +66,7 @@ class Objective(nn.Module, ABC):
         """
 
     @abstractmethod
-    def encoder_for_export(self) -> VisionTransformer:
+    def encoder_for_export(self) -> nn.Module:
         """The backbone users evaluate (MAE: the encoder; DINO: the teacher's backbone)."""
 
     def before_step(self, progress: Progress) -> None:
@@ -85,6 +84,16 @@ class Objective(nn.Module, ABC):
         return {}
 
     def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
-        """AdamW parameter groups: no weight decay on biases, norms, tokens and position embeddings."""
-        names = [n for n, p in self.named_parameters() if p.requires_grad and n.endswith(NO_DECAY_SUFFIXES)]
+        """AdamW parameter groups: no weight decay on biases, norms, tokens and position embeddings.
+
+        Nor on what the timm models inside list in ``no_weight_decay()`` (e.g. Swin's relative position bias tables).
+        """
+        timm_names = {
+            f"{prefix}.{name}"
+            for prefix, module in self.named_modules()
+            if prefix and callable(getattr(module, "no_weight_decay", None))
+            for name in module.no_weight_decay()
+        }
+        names = [n for n, p in self.named_parameters()
+                 if p.requires_grad and (n.endswith(NO_DECAY_SUFFIXES) or n in timm_names)]  # fmt: skip
         return param_groups_weight_decay(self, weight_decay, no_weight_decay_list=names)

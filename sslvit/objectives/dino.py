@@ -7,7 +7,7 @@
      (MultiCropWrapper, cosine_scheduler, cancel_gradients_last_layer, clip_gradients) and
      vision_transformer.py at 58aabc09e056689228e5cfff27c2c20e6d19c945 (DINOHead).
 
-A student (the shared timm ViT + lightly's ``DINOProjectionHead``, which is [1]'s ``DINOHead``: 3-layer GELU MLP,
+A student (the shared timm backbone + lightly's ``DINOProjectionHead``, which is [1]'s ``DINOHead``: 3-layer GELU MLP,
 L2-normalised bottleneck, weight-normalised last layer) sees 2 global and N local crops; crops of one resolution
 go through the backbone as one batch, as [1]'s ``MultiCropWrapper`` does. The teacher is an EMA copy of the
 student (no gradients, no drop path) that sees only the 2 global crops; its momentum follows [1]'s per-step
@@ -27,6 +27,10 @@ Deliberate deviations from [1]:
 - the class token and position embedding get no weight decay (timm's ``no_weight_decay()``); [1] decays them.
 - local crops resample the position embedding with timm's ``dynamic_img_size`` (bicubic to the exact grid);
   the backbone starts from timm's ViT init (class token std 1e-6, [1] uses 0.02).
+- the backbone may be any timm model whose ``num_classes=0`` forward returns one pooled feature (a CNN, Swin,
+  MLP-Mixer, ...; [1] also trains ResNet-50). Crops a model cannot take (smaller than a ConvNeXt's stride of 32,
+  or any size but its own for a fixed-size MLP-Mixer/ResMLP) are made at the global crop size instead, with a
+  warning; BatchNorm layers use per-process batch statistics ([1] converts them to SyncBatchNorm).
 - mixed precision is bf16 autocast rather than fp16 with a grad scaler; the loss and centre are computed in fp32.
 - with gradient accumulation (absent in [1]) the centre moves once per micro-batch; it moves after the optimizer
   step instead of inside the loss (same values), so that a skipped non-finite step leaves it untouched.
@@ -35,6 +39,7 @@ Deliberate deviations from [1]:
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import warnings
 from collections.abc import Callable
@@ -51,11 +56,13 @@ from timm.layers import DropPath
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
-from sslvit.backbone import patch_size
+from sslvit.backbone import input_size, patch_size, pooled_feature_dim
 from sslvit.errors import RecipeError
 from sslvit.objectives.base import Objective, Progress
 from sslvit.views import IMAGENET_NORMALIZE
 from sslvit.viz import attention_grid, cls_attention_maps
+
+log = logging.getLogger("sslvit")
 
 
 @dataclass
@@ -143,21 +150,27 @@ def _disable_drop_path(module: nn.Module) -> None:
 
 
 class DINO(Objective):
-    """DINO around a timm ViT with a class token and ``dynamic_img_size=True`` (see :meth:`backbone_kwargs`)."""
+    """DINO around a timm model's pooled feature (``num_classes=0`` forward).
+
+    A ViT needs a class token and ``dynamic_img_size=True`` (see :meth:`backbone_kwargs`); any other timm backbone
+    (CNN, Swin, MLP-Mixer, ...) is used through its pooled output, and :meth:`visualize` logs nothing for it.
+    """
 
     name = "dino"
     Config = DINOConfig
 
-    def __init__(self, encoder: VisionTransformer, cfg: DINOConfig) -> None:
+    def __init__(self, encoder: nn.Module, cfg: DINOConfig) -> None:
         super().__init__()
-        if encoder.cls_token is None or not getattr(encoder, "dynamic_img_size", False):
-            raise RecipeError("DINO needs a timm ViT with a class token built with dynamic_img_size=True")
         self.cfg = cfg
-        self.global_crop_size = cfg.global_crop_size or int(encoder.patch_embed.img_size[0])
-        patch = patch_size(encoder)
-        for key, size in (("global_crop_size", self.global_crop_size), ("local_crop_size", cfg.local_crop_size)):
-            if size % patch:
-                raise RecipeError(f"objective.{key}={size} is not a multiple of model.patch_size={patch}")
+        self.global_crop_size = cfg.global_crop_size or input_size(encoder)
+        if isinstance(encoder, VisionTransformer):
+            if encoder.cls_token is None or not getattr(encoder, "dynamic_img_size", False):
+                raise RecipeError("DINO needs a timm ViT with a class token built with dynamic_img_size=True")
+            patch = patch_size(encoder)
+            for key, size in (("global_crop_size", self.global_crop_size), ("local_crop_size", cfg.local_crop_size)):
+                if size % patch:
+                    raise RecipeError(f"objective.{key}={size} is not a multiple of model.patch_size={patch}")
+        self.feature_dim, self.local_crop_size = self._crop_sizes(encoder)
         self.student_backbone = encoder
         self.student_head = self._head()
         self.teacher_backbone = copy.deepcopy(encoder)
@@ -180,12 +193,40 @@ class DINO(Objective):
         self._pending_centre: list[Tensor] = []
         self.dino_loss.update_center = self._pending_centre.append
 
+    def _crop_sizes(self, encoder: nn.Module) -> tuple[int, int]:
+        """The backbone's pooled feature width, and the local crop size it takes (else the global crop size).
+
+        A ViT (checked above) takes any multiple of its patch size: only other families are probed, by one forward
+        per crop size (:func:`~sslvit.backbone.pooled_feature_dim`).
+
+        Raises:
+            RecipeError: the backbone cannot take the global crops, or returns no pooled feature.
+        """
+        if isinstance(encoder, VisionTransformer):
+            return encoder.embed_dim, self.cfg.local_crop_size
+        name = getattr(encoder, "pretrained_cfg", {}).get("architecture", type(encoder).__name__)
+        try:
+            dim = pooled_feature_dim(encoder, self.global_crop_size)
+        except RecipeError as err:
+            raise RecipeError(f"DINO's backbone {name} {err}: set objective.global_crop_size (null = model.img_size) "
+                              "to a size it takes, or pick another model.name") from None  # fmt: skip
+        local = self.cfg.local_crop_size
+        if self.cfg.local_crops_number and local != self.global_crop_size:
+            try:
+                pooled_feature_dim(encoder, local)
+            except RecipeError as err:
+                log.warning("%s %s: local crops are made at the global crop size, %d px (slower); set "
+                            "objective.local_crop_size to a size it takes, or objective.local_crops_number=0",
+                            name, err, self.global_crop_size)  # fmt: skip
+                local = self.global_crop_size
+        return dim, local
+
     def _head(self) -> DINOProjectionHead:
         # lightly's head uses torch's deprecated weight_norm, whose weight_g / weight_v keys are [1]'s own
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*weight_norm.* is deprecated", category=FutureWarning)
             return DINOProjectionHead(
-                input_dim=self.student_backbone.embed_dim,
+                input_dim=self.feature_dim,
                 hidden_dim=self.cfg.hidden_dim,
                 bottleneck_dim=self.cfg.bottleneck_dim,
                 output_dim=self.cfg.out_dim,
@@ -206,14 +247,14 @@ class DINO(Objective):
         cfg = self.cfg
         return DINOTransform(
             global_crop_size=self.global_crop_size, global_crop_scale=cfg.global_crops_scale,
-            local_crop_size=cfg.local_crop_size, local_crop_scale=cfg.local_crops_scale,
+            local_crop_size=self.local_crop_size, local_crop_scale=cfg.local_crops_scale,
             n_local_views=cfg.local_crops_number, hf_prob=0.5, vf_prob=0.0, rr_prob=0.0,
             cj_prob=0.8, cj_strength=0.5, cj_bright=0.8, cj_contrast=0.8, cj_sat=0.4, cj_hue=0.2,
             random_gray_scale=0.2, gaussian_blur=(1.0, 0.1, 0.5), sigmas=(0.1, 2.0), solarization_prob=0.2,
             normalize=IMAGENET_NORMALIZE,
         )  # fmt: skip
 
-    def encoder_for_export(self) -> VisionTransformer:
+    def encoder_for_export(self) -> nn.Module:
         return self.teacher_backbone
 
     def compute_loss(self, student_out: Tensor, teacher_out: Tensor) -> Tensor:
@@ -282,6 +323,11 @@ class DINO(Objective):
 
     @torch.no_grad()
     def visualize(self, batch: dict[str, Any]) -> dict[str, Tensor]:
-        """The teacher's last-block class-token attention on the first global crop: one row per image."""
+        """The teacher's last-block class-token attention on the first global crop: one row per image.
+
+        Other backbones have no class-token attention to show: nothing is logged for them.
+        """
+        if not isinstance(self.teacher_backbone, VisionTransformer):
+            return {}
         images = batch["views"][0]
         return {"dino/teacher_attention": attention_grid(images, cls_attention_maps(self.teacher_backbone, images))}

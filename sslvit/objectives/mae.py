@@ -30,7 +30,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 from torchvision.utils import make_grid
 
-from sslvit.backbone import patch_size
+from sslvit.backbone import patch_size, require_vit
 from sslvit.errors import RecipeError
 from sslvit.objectives.base import Objective
 from sslvit.views import IMAGENET_NORMALIZE, denormalize
@@ -85,6 +85,7 @@ class MAE(Objective):
 
     def __init__(self, encoder: VisionTransformer, cfg: MAEConfig) -> None:
         super().__init__()
+        require_vit(encoder, "MAE")  # masking needs patch tokens: a CNN, Swin or MLP-Mixer gets one clear error
         if encoder.num_prefix_tokens != 1 or encoder.cls_token is None:
             raise RecipeError("MAE needs a ViT with exactly one class token and no register tokens")
         self.cfg = cfg
