@@ -17,7 +17,7 @@ from sslvit.checkpoint import complete_checkpoints, export_encoder, load_exporte
 from sslvit.cli import guarded
 from sslvit.data import open_source
 from sslvit.errors import RecipeError
-from sslvit.evaluation.cli import run_knn
+from sslvit.evaluation.cli import run_finetune, run_knn
 from sslvit.evaluation.knn import knn_eval
 from sslvit.evaluation.load import load_encoder
 from sslvit.export import export_onnx
@@ -155,6 +155,14 @@ def test_quickstart_dino_with_a_cnn_name_pretrains_exports_and_evaluates(tmp_pat
     assert guarded(run_knn, argv) == 0
     report = json.loads((run / "eval" / "knn.json").read_text())
     assert report["encoder"]["architecture"] == "convnext_atto" and report["metrics"]["top1"] > 10
+
+    # fine-tuning: only the CNN's classifier (head.fc) is new; its head.norm comes from the encoder
+    out = tmp_path / "ft.json"
+    argv = ["--encoder", str(run), "--data", "digits", "--limit-train", "40", "--limit-test", "20", "--batch-size",
+            "8", "--num-workers", "0", "--json-out", str(out), "--set", "epochs=1", "warmup_epochs=0"]  # fmt: skip
+    assert guarded(run_finetune, argv) == 0
+    model = timm.create_model(f"local-dir:{json.loads(out.read_text())['model_dir']}", pretrained=True).eval()
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
 
     pytest.importorskip("onnxruntime")
     result = export_onnx(run, tmp_path / "encoder.onnx")

@@ -42,6 +42,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, auto_a
 from timm.data.auto_augment import RandAugment
 from timm.data.distributed_sampler import RepeatAugSampler
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.models.vision_transformer import VisionTransformer
 from timm.optim import param_groups_layer_decay
 from timm.scheduler import CosineLRScheduler
 from torch.utils.data import DataLoader, Subset
@@ -155,20 +156,27 @@ def build_classifier(encoder: torch.nn.Module, identity: dict[str, Any], num_cla
                      cfg: FinetuneConfig) -> tuple[torch.nn.Module, dict[str, Any]]:  # fmt: skip
     """The encoder's timm architecture with a ``num_classes`` head, loaded from the encoder's weights.
 
-    With ``global_pool="avg"`` timm drops the final ``norm`` for an ``fc_norm`` after pooling, as MAE does: only
-    the head (and ``fc_norm``) are new, only ``norm`` is left over; anything else is a CheckpointError.
+    ViT: with ``global_pool="avg"`` timm drops the final ``norm`` for an ``fc_norm`` after pooling, as MAE does:
+    only the head (and ``fc_norm``) are new, only ``norm`` is left over. Other timm families (a DINO ConvNeXt,
+    Swin, ...) keep their own pooling; only their classifier (``get_classifier()``) is new. Anything else missing
+    or left over is a CheckpointError.
 
     Returns:
         ``(model, create_model arguments that rebuild it)``.
     """
-    args = {**identity["model_args"], "num_classes": num_classes, "global_pool": cfg.global_pool}
+    is_vit = isinstance(encoder, VisionTransformer)
+    args = {**identity["model_args"], "num_classes": num_classes}
+    if is_vit:
+        args["global_pool"] = cfg.global_pool
     model = timm.create_model(identity["architecture"], pretrained=False, drop_path_rate=cfg.drop_path_rate, **args)
-    avg = cfg.global_pool == "avg"  # the shared fit: pos_embed resampled if the encoder's grid differs
-    new_ok, ignore_ok = (("head.", "fc_norm."), ("norm.",)) if avg else (("head.",), ())
+    classifier = model.get_classifier()
+    prefix = next(name for name, module in model.named_modules() if module is classifier) + "."
+    avg = is_vit and cfg.global_pool == "avg"  # the shared fit: pos_embed resampled if the encoder's grid differs
+    new_ok, ignore_ok = ((prefix, "fc_norm."), ("norm.",)) if avg else ((prefix,), ())
     fit_state_dict(model, encoder.state_dict(), "the encoder", f"{identity['architecture']} with a classifier head",
                    new_ok=new_ok, ignore_ok=ignore_ok)  # fmt: skip
-    torch.nn.init.trunc_normal_(model.head.weight, std=2e-5)  # MAE: following MoCo v3
-    torch.nn.init.zeros_(model.head.bias)
+    torch.nn.init.trunc_normal_(classifier.weight, std=2e-5)  # MAE: following MoCo v3
+    torch.nn.init.zeros_(classifier.bias)
     return model, args
 
 
@@ -276,7 +284,8 @@ def finetune(encoder: torch.nn.Module, identity: dict[str, Any], train_source: I
     loader = _train_loader(train_source, train_indices, img_size, cfg, data_cfg, accelerator.num_processes)
     derived = {"global_batch_size": cfg.batch_size_per_device * accelerator.num_processes * cfg.accum_steps}
     derived["lr"] = cfg.base_lr * derived["global_batch_size"] / 256
-    groups = param_groups_layer_decay(model, cfg.weight_decay, model.no_weight_decay(), layer_decay=cfg.layer_decay)
+    no_decay = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()  # ViT/Swin list tokens; CNNs don't
+    groups = param_groups_layer_decay(model, cfg.weight_decay, no_decay, layer_decay=cfg.layer_decay)
     optimizer = torch.optim.AdamW(groups, lr=derived["lr"], betas=cfg.betas)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     test_loader = eval_loader(test_source, test_indices, eval_transform(img_size, crop_pct), img_size,
