@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from sslvit import data
 from sslvit.accel import launched_world_size, make_accelerator
 from sslvit.backbone import build_backbone, model_args
+from sslvit.cache import maybe_decoded
 from sslvit.checkpoint import export_encoder, latest_checkpoint, load_checkpoint, save_checkpoint
 from sslvit.errors import DataError, RecipeError, TrainingDiverged
 from sslvit.objectives import OBJECTIVES, Objective, Progress
@@ -122,7 +123,8 @@ def pretrain(recipe: Recipe, run_dir: Path) -> dict[str, Any]:
 def _open_data(recipe: Recipe, objective: Objective, accelerator: Accelerator) -> tuple[Any, str, int | None]:
     """The training images with the objective's views -> (dataset, description, images per epoch or None)."""
     if not recipe.data.streaming:
-        dataset = data.TransformedImages(data.open_source(recipe.data), objective.views(), seed=recipe.train.seed)
+        source = maybe_decoded(data.open_source(recipe.data), recipe.data.decode_cache_mb)
+        dataset = data.TransformedImages(source, objective.views(), seed=recipe.train.seed)
         return dataset, dataset.source.description, len(dataset)
     if not recipe.train.max_steps:
         raise RecipeError("data.streaming=true gives no epoch length: set train.max_steps as well")
