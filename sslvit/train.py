@@ -95,9 +95,8 @@ def pretrain(recipe: Recipe, run_dir: Path) -> dict[str, Any]:
         cfg=recipe.data,
         seed=recipe.train.seed,
     )
-    optimizer = torch.optim.AdamW(
-        objective.param_groups(recipe.optim.weight_decay), lr=derived.lr, betas=recipe.optim.betas
-    )
+    optimizer = make_optimizer(objective, recipe, derived)
+    prefer_math_attention(objective, accelerator.device, recipe.train.precision)
     if recipe.data.streaming:  # already split over processes by the stream itself: Accelerate must not re-shard it
         model, optimizer = accelerator.prepare(objective, optimizer)
     else:
@@ -195,6 +194,23 @@ def _fixed_batch(dataset: Any, n: int, device: torch.device, streaming: bool) ->
     views = batch["views"]
     batch["views"] = [v.to(device) for v in views] if isinstance(views, list) else views.to(device)
     return batch
+
+
+def make_optimizer(objective: Objective, recipe: Recipe, derived: Derived) -> torch.optim.Optimizer:
+    """AdamW over the objective's parameter groups at the derived learning rate (benchmarks build it here too).
+
+    ``fused=True``: one kernel over all parameters; on a CPU the default per-parameter loop takes ~3x longer.
+    """
+    groups = objective.param_groups(recipe.optim.weight_decay)
+    return torch.optim.AdamW(groups, lr=derived.lr, betas=recipe.optim.betas, fused=True)
+
+
+def prefer_math_attention(model: torch.nn.Module, device: torch.device, precision: str) -> None:
+    """bf16 on a CPU: train on timm's math attention, as the fused SDPA backward is ~1.8x slower (BENCHMARKS.md)."""
+    if device.type == "cpu" and precision == "bf16":
+        for module in model.modules():
+            if hasattr(module, "fused_attn"):
+                module.fused_attn = False
 
 
 def _apply_schedules(optimizer: torch.optim.Optimizer, recipe: Recipe, derived: Derived, step: int) -> dict[str, float]:

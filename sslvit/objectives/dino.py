@@ -318,6 +318,8 @@ class DINO(Objective):
         """teacher = momentum * teacher + (1 - momentum) * student, over every parameter (as [1])."""
         student = [*self.student_backbone.parameters(), *self.student_head.parameters()]
         teacher = [*self.teacher_backbone.parameters(), *self.teacher_head.parameters()]
+        # [1]'s formula as mul then add. _foreach_lerp_ is one pass (21 vs 34 ms for 11.5M parameters on one CPU
+        # thread) but rounds differently, for under 1% of a CIFAR DINO step: not worth changing the numerics.
         torch._foreach_mul_(teacher, momentum)
         torch._foreach_add_(teacher, student, alpha=1.0 - momentum)
 
