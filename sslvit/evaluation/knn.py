@@ -131,7 +131,7 @@ def knn_predict(train_features: torch.Tensor, train_labels: torch.Tensor, test_f
         test_features: (Q, D) query features (normalised here unless they already are).
         ks: numbers of neighbours; each must be at most N.
         num_classes: None = ``max(train label) + 1``.
-        chunk_size: queries per search; memory is ``chunk_size x max(ks)`` results, never ``Q x N`` similarities.
+        chunk_size: queries per search; memory is ``Q x max(ks)`` results (12 bytes each), never ``Q x N``.
 
     Returns:
         ``{k: (Q, min(5, k)) int64}``: each query's classes, best first.
@@ -145,16 +145,16 @@ def knn_predict(train_features: torch.Tensor, train_labels: torch.Tensor, test_f
     ranked: dict[int, list[torch.Tensor]] = {k: [] for k in ks}
     threads = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(torch.get_num_threads())  # one thread setting for the whole evaluation
-    try:
-        for start in range(0, len(test), chunk_size):
-            similarity, neighbours = search(test[start : start + chunk_size], ks[-1])
-            weights, labels = (similarity / temperature).exp(), train_labels[neighbours]  # once, for every k
-            for k in ks:
-                scores = torch.zeros(len(labels), num_classes).scatter_add_(1, labels[:, :k], weights[:, :k])
-                # a full descending sort, as the reference does, so that ties among unvoted classes break the same way
-                ranked[k].append(scores.sort(dim=1, descending=True).indices[:, : min(5, k)])
+    try:  # every search first, then every vote: faiss's and torch's OpenMP pools do not take turns on the cores
+        found = [search(test[start : start + chunk_size], ks[-1]) for start in range(0, len(test), chunk_size)]
     finally:
         faiss.omp_set_num_threads(threads)
+    for similarity, neighbours in found:
+        weights, labels = (similarity / temperature).exp(), train_labels[neighbours]  # once, for every k
+        for k in ks:
+            scores = torch.zeros(len(labels), num_classes).scatter_add_(1, labels[:, :k], weights[:, :k])
+            # a full descending sort, as the reference does, so that ties among unvoted classes break the same way
+            ranked[k].append(scores.sort(dim=1, descending=True).indices[:, : min(5, k)])
     return {k: torch.cat(r) for k, r in ranked.items()}
 
 
