@@ -28,7 +28,7 @@ RECIPE = replace(
         DINO_VIT_S16.objective, out_dim=4096, norm_last_layer=True, global_crop_size=32, local_crop_size=16,
     ),
     model=ModelConfig(name="vit_tiny_patch16_224", img_size=32, patch_size=4, drop_path_rate=0.1),
-    data=DataConfig(path="", split="train"),
+    data=DataConfig(path="", split="train", decode_cache_mb=256),  # CIFAR-10 decoded once: 147 MiB (BENCHMARKS.md)
     schedule=ScheduleConfig(epochs=200, warmup_epochs=10),
     train=TrainConfig(global_batch_size=512, batch_size_per_device=128, precision="bf16", checkpoint_every=500),
 )  # fmt: skip

@@ -24,7 +24,7 @@ RECIPE = replace(
     objective=MAEConfig(mask_ratio=0.75, norm_pix_loss=True, decoder_embed_dim=128, decoder_depth=4,
                         decoder_num_heads=4),
     model=ModelConfig(name="vit_tiny_patch16_224", img_size=32, patch_size=4),
-    data=DataConfig(path="", split="train"),
+    data=DataConfig(path="", split="train", decode_cache_mb=256),  # CIFAR-10 decoded once: 147 MiB (BENCHMARKS.md)
     schedule=ScheduleConfig(epochs=400, warmup_epochs=20),
     train=TrainConfig(global_batch_size=512, batch_size_per_device=128, precision="bf16", checkpoint_every=500),
 )  # fmt: skip

@@ -48,7 +48,7 @@ class DecodedSource(ImageSource):
                 need = max(used, pixels.size * len(source)) / 2**20
                 raise DataError(
                     f"the decoded images of {source.description} need about {need:.0f} MiB, more than "
-                    f"data.decode_cache_mb={limit_mb}; raise it, or set 0 to decode every epoch"
+                    f"data.decode_cache_mb={limit_mb} (raise it to keep them decoded in memory)"
                 )
             arrays.append(pixels)
         self.shapes = np.array([a.shape[:2] for a in arrays], dtype=np.int64).reshape(-1, 2)
@@ -67,5 +67,15 @@ class DecodedSource(ImageSource):
 
 
 def maybe_decoded(source: ImageSource, limit_mb: int) -> ImageSource:
-    """``source`` decoded once into memory when ``limit_mb`` > 0 (``data.decode_cache_mb``), else itself."""
-    return DecodedSource(source, limit_mb) if limit_mb > 0 else source
+    """``source`` decoded once into memory when it fits in ``limit_mb`` > 0 MiB (``data.decode_cache_mb``), else itself.
+
+    A cap, not a demand: a recipe can turn the cache on for its usual data set (the CIFAR recipes do) and still
+    train on a larger one, decoded every epoch, with a warning.
+    """
+    if limit_mb <= 0:
+        return source
+    try:
+        return DecodedSource(source, limit_mb)
+    except DataError as e:
+        log.warning("%s; decoding every epoch instead", e)
+        return source

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from sslvit import data
-from sslvit.cache import DecodedSource
+from sslvit.cache import DecodedSource, maybe_decoded
 from sslvit.errors import DataError, RecipeError
 from sslvit.recipe import DataConfig
 from sslvit.train import pretrain
@@ -68,10 +69,19 @@ def test_decoded_source_returns_the_same_pixels_labels_and_skips(tmp_path):
         assert np.array_equal(np.asarray(again), np.asarray(image))
 
 
-def test_decode_cache_too_small_or_with_streaming_is_one_clear_error(tmp_path):
+def test_decode_cache_too_small_falls_back_and_with_streaming_is_one_clear_error(tmp_path, caplog):
     source = data.open_source(DataConfig(path=str(_png_folder(tmp_path))))
     with pytest.raises(DataError, match="data.decode_cache_mb=0"):
         DecodedSource(source, limit_mb=0)  # maybe_decoded never asks for 0; a too-small limit reads the same
+    assert maybe_decoded(source, limit_mb=0) is source  # 0 = off
+    big = tmp_path / "big" / "class0"
+    big.mkdir(parents=True)
+    for i in range(2):  # 2 x 3 MiB of pixels: more than a 4 MiB cap
+        Image.fromarray(np.zeros((1024, 1024, 3), dtype=np.uint8)).save(big / f"{i}.png")
+    big_source = data.open_source(DataConfig(path=str(big.parent)))
+    with caplog.at_level(logging.WARNING, logger="sslvit"):
+        assert maybe_decoded(big_source, limit_mb=4) is big_source  # a cap, not a demand: decoded every epoch
+    assert "more than data.decode_cache_mb=4" in caplog.text and "decoding every epoch instead" in caplog.text
     with pytest.raises(RecipeError, match="data.decode_cache_mb"):
         tiny_recipe("quickstart", "data.streaming=true", "data.decode_cache_mb=64")
 

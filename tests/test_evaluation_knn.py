@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import timm
 import torch
@@ -10,37 +13,10 @@ from sslvit.data import open_source
 from sslvit.evaluation.knn import knn_classify, knn_eval
 from sslvit.recipe import DataConfig
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from eval_speed import dino_knn_classifier  # noqa: E402  (the one transcription of DINO's knn_classifier)
+
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def dino_knn_classifier(train_features, train_labels, test_features, test_labels, k, T, num_classes):
-    """facebookresearch/dino eval_knn.py ``knn_classifier`` (04c0ad95), transcribed: a dense matmul per chunk."""
-    top1, top5, total = 0.0, 0.0, 0
-    train_features = train_features.t()
-    num_test_images, num_chunks = test_labels.shape[0], 10
-    imgs_per_chunk = num_test_images // num_chunks
-    retrieval_one_hot = torch.zeros(k, num_classes)
-    for idx in range(0, num_test_images, imgs_per_chunk):
-        features = test_features[idx : min((idx + imgs_per_chunk), num_test_images), :]
-        targets = test_labels[idx : min((idx + imgs_per_chunk), num_test_images)]
-        batch_size = targets.shape[0]
-        similarity = torch.mm(features, train_features)
-        distances, indices = similarity.topk(k, largest=True, sorted=True)
-        candidates = train_labels.view(1, -1).expand(batch_size, -1)
-        retrieved_neighbors = torch.gather(candidates, 1, indices)
-        retrieval_one_hot.resize_(batch_size * k, num_classes).zero_()
-        retrieval_one_hot.scatter_(1, retrieved_neighbors.view(-1, 1), 1)
-        distances_transform = distances.clone().div_(T).exp_()
-        probs = torch.sum(
-            torch.mul(retrieval_one_hot.view(batch_size, -1, num_classes), distances_transform.view(batch_size, -1, 1)),
-            1,
-        )
-        _, predictions = probs.sort(1, True)
-        correct = predictions.eq(targets.data.view(-1, 1))
-        top1 = top1 + correct.narrow(1, 0, 1).sum().item()
-        top5 = top5 + correct.narrow(1, 0, min(5, k)).sum().item()
-        total += targets.size(0)
-    return top1 * 100.0 / total, top5 * 100.0 / total
 
 
 def _random_problem(n_train=500, n_test=130, dim=32, classes=10, seed=0):
