@@ -153,8 +153,9 @@ def knn_predict(train_features: torch.Tensor, train_labels: torch.Tensor, test_f
         weights, labels = (similarity / temperature).exp(), train_labels[neighbours]  # once, for every k
         for k in ks:
             scores = torch.zeros(len(labels), num_classes).scatter_add_(1, labels[:, :k], weights[:, :k])
-            # a full descending sort, as the reference does, so that ties among unvoted classes break the same way
-            ranked[k].append(scores.sort(dim=1, descending=True).indices[:, : min(5, k)])
+            # a full descending sort, as the reference does, so that ties among unvoted classes break the same way;
+            # clone: a slice would keep the whole (chunk, num_classes) int64 ranking alive (1.7 GB at ImageNet size)
+            ranked[k].append(scores.sort(dim=1, descending=True).indices[:, : min(5, k)].clone())
     return {k: torch.cat(r) for k, r in ranked.items()}
 
 
