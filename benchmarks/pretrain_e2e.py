@@ -47,8 +47,6 @@ from throughput import TOTAL_STEPS, Config, sslvit_step  # benchmarks/throughput
 
 import sslvit.train as train_module
 from sslvit import data
-from sslvit.backbone import build_backbone
-from sslvit.objectives import OBJECTIVES
 from sslvit.recipe import Recipe, apply_overrides, load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -269,14 +267,10 @@ def time_pretrain(recipe: Recipe, run_dir: Path, warmup: int, steps: int) -> dic
     }
 
 
-def _objective(recipe: Recipe):
-    cls = OBJECTIVES[recipe.objective.name]
-    return cls(build_backbone(recipe.model, **cls.backbone_kwargs(recipe.objective)), recipe.objective)
-
-
 def time_loader(recipe: Recipe, warmup: int, batches: int) -> float:
     """Images/s of the pretraining DataLoader alone: same source, views, seeding, workers and batch."""
-    dataset = data.TransformedImages(data.open_source(recipe.data), _objective(recipe).views(), seed=recipe.train.seed)
+    # the loop's own data opening (decode cache included); the accelerator is read only for a stream
+    dataset, _, _ = train_module._open_data(recipe, train_module.build_objective(recipe)[0], None)
     loader = data.make_loader(dataset, recipe.train.batch_size_per_device, shuffle=True, drop_last=True,
                               cfg=recipe.data, seed=recipe.train.seed)  # fmt: skip
     it = iter(loader)

@@ -1,7 +1,7 @@
 """Soak: many tiny pretraining steps with frequent checkpoints; resident memory must not grow with steps.
 
 Prints one JSON object: steps, checkpoints written, resident set size (MiB) after warm-up and at the end, and
-the growth per 1000 steps. Not a unit test: run it by hand (`make soak`), about 2 minutes on 2 CPU cores.
+the growth per 1000 steps. Not a unit test: run it by hand (the command below), about 2 minutes on 2 CPU cores.
 
     python benchmarks/soak.py --steps 2000 --checkpoint-every 100
 """

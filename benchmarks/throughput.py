@@ -7,11 +7,11 @@ MFU = achieved / peak. FLOPs come from ``torch.utils.flop_counter.FlopCounterMod
 backward, teacher, loss): it counts matmuls, convolutions and attention, not elementwise ops; attention is counted
 on timm's math path because the CPU's fused attention kernel has no FLOP formula.
 
-The sslvit step is the loop's own code (``sslvit.train``: schedules, ``before_step``, ``_train_step``,
-``after_step``) on an objective built from a recipe. The reference step is built the way lightly's examples
-build MAE and DINO (lightly ``examples/pytorch/mae.py`` and ``dino.py``) on the identical timm ViT, head sizes,
-AdamW hyperparameters and precision: ``a_over_b`` is sslvit / lightly. ``--compare`` instead times sslvit
-against itself with one step-level lever changed. One JSON object per measurement on stdout.
+The sslvit step is the loop's own code (``sslvit.train.optimisation_step``: schedules, ``before_step``,
+``_train_step``, ``after_step``) on an objective built from a recipe. The reference step is built the way
+lightly's examples build MAE and DINO (lightly ``examples/pytorch/mae.py`` and ``dino.py``) on the identical timm
+ViT, head sizes, AdamW hyperparameters and precision: ``a_over_b`` is sslvit / lightly. ``--compare`` instead
+times sslvit against itself with one step-level lever changed. One JSON object per measurement on stdout.
 
     python benchmarks/throughput.py --suite cpu
     python benchmarks/throughput.py --objective mae --model vit_tiny_patch16_224 --img 32 --patch 4 --batch 64
@@ -46,10 +46,10 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from sslvit.accel import make_accelerator
-from sslvit.backbone import build_backbone
-from sslvit.objectives import OBJECTIVES, Progress
+from sslvit.backbone import build_backbone, set_fused_attention
+from sslvit.objectives import OBJECTIVES
 from sslvit.recipe import Recipe, apply_overrides, derive, load_recipe
-from sslvit.train import _apply_schedules, _train_step, make_optimizer, prefer_math_attention
+from sslvit.train import build_objective, make_optimizer, optimisation_step, prefer_math_attention
 
 TOTAL_STEPS = 1_000_000  # the schedules' length; timing starts half-way: past warmup and the frozen last layer
 DEFAULT_RECIPES = {"mae": ("mae_vit_tiny_cifar", "mae_vit_b"), "dino": ("dino_vit_tiny_cifar", "dino_vit_s16")}
@@ -133,10 +133,7 @@ def sslvit_step(recipe: Recipe, cfg: Config, lever: str = "") -> tuple[Callable[
     """The loop's step (sslvit.train) on synthetic views -> (one optimisation step, the objective)."""
     precision = {"fp32": "bf16", "bf16": "fp32"}[cfg.precision] if lever == "precision" else cfg.precision
     accelerator = new_accelerator(precision, cfg.compile != (lever == "compile"))
-    objective_cls = OBJECTIVES[recipe.objective.name]
-    objective = objective_cls(
-        build_backbone(recipe.model, **objective_cls.backbone_kwargs(recipe.objective)), recipe.objective
-    )
+    objective, _ = build_objective(recipe)
     derived = derive(recipe, accelerator.num_processes, None)
     optimizer = make_optimizer(objective, recipe, derived)
     if lever.startswith("adamw:"):  # the same groups and hyperparameters, another AdamW implementation
@@ -151,14 +148,7 @@ def sslvit_step(recipe: Recipe, cfg: Config, lever: str = "") -> tuple[Callable[
     steps, skipped = itertools.count(TOTAL_STEPS // 2), Counter()
 
     def step() -> None:
-        index = next(steps)
-        progress = Progress(index, derived.total_steps, recipe.schedule.epochs)
-        _apply_schedules(optimizer, recipe, derived, index)
-        objective.before_step(progress)
-        *_, finite = _train_step(accelerator, model, optimizer, batches, derived.grad_accum_steps, progress,
-                                 recipe.optim.clip_grad, skipped)  # fmt: skip
-        if finite:
-            objective.after_step(progress)
+        optimisation_step(accelerator, model, optimizer, batches, recipe, derived, next(steps), skipped)
 
     return step, objective
 
@@ -263,13 +253,6 @@ def lightly_step(recipe: Recipe, cfg: Config) -> tuple[Callable[[], None], nn.Mo
         optimizer.zero_grad()
 
     return step, model
-
-
-def set_fused_attention(model: nn.Module, enabled: bool) -> None:
-    """Switch timm's fused (SDPA) attention on or off in every attention layer of ``model``."""
-    for module in model.modules():
-        if hasattr(module, "fused_attn"):
-            module.fused_attn = enabled
 
 
 def count_flops(step: Callable[[], None], model: nn.Module) -> int:

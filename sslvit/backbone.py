@@ -149,6 +149,13 @@ def pooled_feature_dim(model: nn.Module, size: int) -> int:
     return int(out.shape[1])
 
 
+def set_fused_attention(model: nn.Module, enabled: bool) -> None:
+    """Switch timm's fused (SDPA) attention on or off in every timm attention layer of ``model``."""
+    for module in model.modules():
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = enabled
+
+
 def patch_size(vit: VisionTransformer) -> int:
     """Side of one square patch in pixels."""
     return int(vit.patch_embed.patch_size[0])

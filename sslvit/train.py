@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from sslvit import data
 from sslvit.accel import launched_world_size, make_accelerator
-from sslvit.backbone import build_backbone, model_args
+from sslvit.backbone import build_backbone, model_args, set_fused_attention
 from sslvit.cache import maybe_decoded
 from sslvit.checkpoint import export_encoder, latest_checkpoint, load_checkpoint, save_checkpoint
 from sslvit.errors import DataError, RecipeError, TrainingDiverged
@@ -73,9 +73,7 @@ def pretrain(recipe: Recipe, run_dir: Path) -> dict[str, Any]:
         log_with="tensorboard",
     )
     set_seed(recipe.train.seed)
-    objective_cls = OBJECTIVES[recipe.objective.name]
-    encoder = build_backbone(recipe.model, **objective_cls.backbone_kwargs(recipe.objective))
-    objective = objective_cls(encoder, recipe.objective)
+    objective, encoder = build_objective(recipe)
     # model.init: at a fresh start only, after the objective (which may re-initialise the encoder it wraps)
     fresh = latest_checkpoint(run_dir / "checkpoints") is None
     init = init_weights(recipe.model.init, encoder, objective) if recipe.model.init and fresh else None
@@ -117,6 +115,13 @@ def pretrain(recipe: Recipe, run_dir: Path) -> dict[str, Any]:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return {**summary, "run_dir": str(run_dir), "encoder": str(run_dir / "encoder")}
+
+
+def build_objective(recipe: Recipe) -> tuple[Objective, torch.nn.Module]:
+    """The recipe's objective around a fresh backbone -> ``(objective, that backbone)`` (benchmarks use it too)."""
+    objective_cls = OBJECTIVES[recipe.objective.name]
+    encoder = build_backbone(recipe.model, **objective_cls.backbone_kwargs(recipe.objective))
+    return objective_cls(encoder, recipe.objective), encoder
 
 
 def _open_data(recipe: Recipe, objective: Objective, accelerator: Accelerator) -> tuple[Any, str, int | None]:
@@ -208,9 +213,7 @@ def make_optimizer(objective: Objective, recipe: Recipe, derived: Derived) -> to
 def prefer_math_attention(model: torch.nn.Module, device: torch.device, precision: str) -> None:
     """bf16 on a CPU: train on timm's math attention, as the fused SDPA backward is ~1.8x slower (BENCHMARKS.md)."""
     if device.type == "cpu" and precision == "bf16":
-        for module in model.modules():
-            if hasattr(module, "fused_attn"):
-                module.fused_attn = False
+        set_fused_attention(model, False)
 
 
 def _apply_schedules(optimizer: torch.optim.Optimizer, recipe: Recipe, derived: Derived, step: int) -> dict[str, float]:
@@ -241,16 +244,12 @@ def _train_loop(accelerator, model, optimizer, loader, recipe, derived, run_dir,
     bad_in_a_row = 0
     model.train()
     while step < total:
-        progress = Progress(step, total, recipe.schedule.epochs)
-        scheduled = _apply_schedules(optimizer, recipe, derived, step)
-        objective.before_step(progress)
-        batch_epoch, out, grad_norm, finite = _train_step(accelerator, model, optimizer, batches, accum, progress,
-                                                          recipe.optim.clip_grad, skipped)  # fmt: skip
+        batch_epoch, out, grad_norm, finite, scheduled = optimisation_step(accelerator, model, optimizer, batches,
+                                                                           recipe, derived, step, skipped)  # fmt: skip
         if batch_epoch != epoch:  # the first micro-batch of a new epoch: report the one that ended
             _report_skipped(accelerator, skipped, epoch, step)
             epoch = batch_epoch
         if finite:
-            scheduled.update(objective.after_step(progress))
             bad_in_a_row = 0
         else:
             bad_in_a_row += 1
@@ -288,6 +287,24 @@ def _knn_monitor(recipe: Recipe, accelerator: Accelerator) -> Callable | None:
         return {"knn_top1": result["top1"], "knn_top5": result["top5"]}
 
     return run
+
+
+def optimisation_step(accelerator, model, optimizer, batches, recipe, derived, step, skipped):
+    """Step ``step``: schedules, the objective's hooks and :func:`_train_step` (benchmarks time this very function).
+
+    Returns:
+        ``(epoch of the batches, outputs, grad norm, all finite, scheduled values to log)``; ``after_step`` (EMA,
+        centre) runs only when the step was finite.
+    """
+    objective: Objective = accelerator.unwrap_model(model)
+    progress = Progress(step, derived.total_steps, recipe.schedule.epochs)
+    scheduled = _apply_schedules(optimizer, recipe, derived, step)
+    objective.before_step(progress)
+    epoch, out, grad_norm, finite = _train_step(accelerator, model, optimizer, batches, derived.grad_accum_steps,
+                                                progress, recipe.optim.clip_grad, skipped)  # fmt: skip
+    if finite:
+        scheduled.update(objective.after_step(progress))
+    return epoch, out, grad_norm, finite, scheduled
 
 
 def _train_step(accelerator, model, optimizer, batches, accum, progress, clip_grad, skipped):
