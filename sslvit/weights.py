@@ -44,7 +44,6 @@ from sslvit.checkpoint import TRAINER_STATE, latest_checkpoint, read_trainer_sta
 from sslvit.errors import CheckpointError
 
 LOCAL_DIR = "local-dir:"
-WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 DROPPED_PREFIXES = ("decoder_", "mask_token", "head.", "fc_norm.")  # MAE decoder, DINO projection head, classifiers
 PATCH_KERNEL = "patch_embed.proj.weight"
 

@@ -58,7 +58,7 @@ def _parser(kind: str, description: str) -> argparse.ArgumentParser:
         type=float,
         help="Resize to img_size / crop_pct, CenterCrop img_size (default: 1.0 up to 64 px, else 0.875)",
     )
-    p.add_argument("--batch-size", type=int, default=256 if kind != "finetune" else 64, help="images per device")
+    p.add_argument("--batch-size", type=int, default=256, help="images per device")
     p.add_argument("--num-workers", type=int, default=-1, help="data loader workers (-1: min(8, cores))")
     p.add_argument("--json-out", help="where to write the JSON report")
     if kind != "finetune":

@@ -80,10 +80,6 @@ class Features:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def subset(self, rows: torch.Tensor) -> Features:
-        """The rows ``rows`` (an index or boolean tensor) of every field."""
-        return Features(**{f.name: getattr(self, f.name)[rows] for f in fields(self)})
-
     def to_dict(self) -> dict[str, torch.Tensor]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 

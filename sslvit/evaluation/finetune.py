@@ -48,7 +48,7 @@ from timm.scheduler import CosineLRScheduler
 from torch.utils.data import DataLoader, Subset
 
 from sslvit.accel import make_accelerator
-from sslvit.checkpoint import export_encoder, latest_checkpoint, read_trainer_state, save_checkpoint
+from sslvit.checkpoint import export_encoder, latest_checkpoint, load_checkpoint, read_trainer_state, save_checkpoint
 from sslvit.data import ImageSource, TransformedImages, make_loader
 from sslvit.errors import CheckpointError, DataError, RecipeError
 from sslvit.evaluation.features import eval_loader
@@ -388,6 +388,6 @@ def _resume(accelerator: Accelerator, root: Path, encoder_sha: str) -> tuple[int
     if state.get("encoder_sha256") != encoder_sha:
         raise CheckpointError(f"{root} holds a fine-tune of another encoder (sha256 {state.get('encoder_sha256')}, "
                               f"this one is {encoder_sha}); pass another --output-dir or delete it")  # fmt: skip
-    accelerator.load_state(str(checkpoint))
+    load_checkpoint(accelerator, checkpoint)  # a damaged checkpoint: one CheckpointError, as in pretraining
     log.info("resuming fine-tuning from %s (epoch %d)", checkpoint, state["epoch"])
     return int(state["epoch"]), int(state["step"]), list(state["history"])

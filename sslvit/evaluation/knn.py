@@ -9,7 +9,7 @@ neighbour votes for its class with weight ``exp(sim / T)`` (T = 0.07). Deliberat
 
 - the neighbours come from faiss (``faiss.knn``: exact inner products, blocked BLAS and a heap; an ``IndexFlatIP``
   on all GPUs when faiss has them) rather than a dense ``test @ train.T`` matmul and ``topk``; queries go in chunks
-  so only ``(chunk, max k)`` results exist at a time, never the full similarity matrix (1.28 M x 50 k floats would
+  and only the ``(queries, max k)`` results are kept, never the full similarity matrix (1.28 M x 50 k floats would
   be 256 GB);
 - every k is answered from one search for the largest k (the nearest k are the first k of the nearest max k);
 - the bank is never copied: a unit-norm bank is searched in place, any other is normalised block by block during the
@@ -102,22 +102,6 @@ def _faiss_knn(queries: torch.Tensor, k: int, bank: torch.Tensor) -> tuple[torch
     """``faiss.knn`` by inner product on the tensors' own memory: ``(Q, k)`` similarities and bank rows, best first."""
     similarity, neighbours = faiss.knn(queries.numpy(), bank.numpy(), k, metric=faiss.METRIC_INNER_PRODUCT)
     return torch.from_numpy(similarity), torch.from_numpy(neighbours)
-
-
-def weighted_votes(similarity: torch.Tensor, neighbour_labels: torch.Tensor, num_classes: int,
-                   temperature: float) -> torch.Tensor:  # fmt: skip
-    """Class scores from neighbours: ``sum_j exp(sim_j / T) * onehot(label_j)``.
-
-    Args:
-        similarity: (Q, k) cosine similarity of each query's neighbours.
-        neighbour_labels: (Q, k) their class ids.
-
-    Returns:
-        (Q, num_classes) scores.
-    """
-    weights = (similarity / temperature).exp()
-    scores = torch.zeros(similarity.shape[0], num_classes, dtype=weights.dtype)
-    return scores.scatter_add_(1, neighbour_labels, weights)
 
 
 def knn_predict(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,

@@ -31,7 +31,7 @@ from sslvit.checkpoint import encoder_from_checkpoint, load_exported_encoder, re
 from sslvit.errors import CheckpointError, UserError
 from sslvit.weights import file_sha256, fit_state_dict, locate_folder, read_file, state_sha256
 
-__all__ = ["load_encoder", "run_dir_of", "state_sha256"]
+__all__ = ["load_encoder", "state_sha256"]
 
 RANDOM = "random"
 # embed_dim -> (size name, depth, num_heads) of the standard ViTs, for reading the shape of a bare weights file
@@ -175,8 +175,3 @@ def _plain(args: dict[str, Any]) -> dict[str, Any]:
     if isinstance(out.get("img_size"), list) and len(set(out["img_size"])) == 1:
         out["img_size"] = out["img_size"][0]
     return out
-
-
-def run_dir_of(identity: dict[str, Any]) -> Path | None:
-    """The run folder an encoder was loaded from, or None."""
-    return Path(identity["run_dir"]) if identity.get("run_dir") else None
