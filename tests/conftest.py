@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
+from torch.utils.data import default_collate
 
 from sslvit.recipe import Recipe, apply_overrides, load_recipe
 
@@ -49,3 +52,10 @@ def cifar10() -> Path:
     if not SHARED_CIFAR10.is_dir():
         pytest.skip("the shared CIFAR-10 copy (../shared/data/cifar10) is not present")
     return SHARED_CIFAR10
+
+
+def crops_batch(objective: torch.nn.Module, n: int = 4) -> dict:
+    """A collated batch of ``objective.views()`` of ``n`` random 40x36 images (seeded)."""
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (40, 36, 3), dtype=np.uint8)) for _ in range(n)]
+    return {"views": default_collate([objective.views()(im) for im in images])}

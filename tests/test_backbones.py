@@ -9,8 +9,6 @@ import numpy as np
 import pytest
 import timm
 import torch
-from PIL import Image
-from torch.utils.data import default_collate
 
 from sslvit.backbone import build_backbone, model_args
 from sslvit.checkpoint import complete_checkpoints, export_encoder, load_exported_encoder
@@ -25,7 +23,7 @@ from sslvit.objectives import DINO, MAE, DINOConfig, Progress
 from sslvit.objectives.mae import MAEConfig
 from sslvit.recipe import DataConfig, ModelConfig
 from sslvit.train import pretrain
-from tests.conftest import tiny_recipe
+from tests.conftest import crops_batch, tiny_recipe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -43,12 +41,6 @@ def make_dino(name: str, cfg: DINOConfig = CFG, img_size: int = 32) -> tuple[DIN
     model = ModelConfig(name=name, img_size=img_size, drop_path_rate=0.1)
     extra = {**DINO.backbone_kwargs(cfg), **BACKBONES.get(name, {})}
     return DINO(build_backbone(model, **extra), cfg), model_args(model, **extra)
-
-
-def crops_batch(dino: DINO, n: int = 4) -> dict:
-    rng = np.random.default_rng(0)
-    images = [Image.fromarray(rng.integers(0, 256, (40, 36, 3), dtype=np.uint8)) for _ in range(n)]
-    return {"views": default_collate([dino.views()(im) for im in images])}
 
 
 @pytest.mark.parametrize("name", BACKBONES)

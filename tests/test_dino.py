@@ -14,10 +14,8 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from torch.utils.data import default_collate
 
 from sslvit.backbone import build_vit, model_args
 from sslvit.checkpoint import complete_checkpoints, export_encoder
@@ -26,7 +24,7 @@ from sslvit.objectives.dino import teacher_momentum, teacher_temperature
 from sslvit.recipe import ModelConfig, load_recipe
 from sslvit.train import pretrain
 from sslvit.viz import cls_attention_maps
-from tests.conftest import tiny_recipe
+from tests.conftest import crops_batch, tiny_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ModelConfig(name="vit_tiny_patch16_224", img_size=32, patch_size=4, depth=2, embed_dim=64, num_heads=2,
@@ -40,12 +38,6 @@ TINY_DINO = ["objective.out_dim=64", "objective.hidden_dim=32", "objective.bottl
 def make_dino(cfg: DINOConfig = CFG) -> DINO:
     torch.manual_seed(0)
     return DINO(build_vit(TINY, **DINO.backbone_kwargs(cfg)), cfg)
-
-
-def crops_batch(dino: DINO, n: int = 4) -> dict:
-    rng = np.random.default_rng(0)
-    images = [Image.fromarray(rng.integers(0, 256, (40, 36, 3), dtype=np.uint8)) for _ in range(n)]
-    return {"views": default_collate([dino.views()(im) for im in images])}
 
 
 def official_dino_loss(student_output, teacher_output, center, ncrops, temp, all_teacher_outputs=None):
@@ -254,13 +246,6 @@ def test_two_processes_average_the_centre_and_keep_the_teacher_identical(tmp_pat
 
 
 def test_a_skipped_non_finite_step_moves_neither_the_centre_nor_the_teacher(tmp_path, monkeypatch):
-    from safetensors.torch import load_file
-
-    from sslvit.checkpoint import complete_checkpoints
-    from sslvit.objectives.dino import DINO
-    from sslvit.train import pretrain
-    from tests.conftest import tiny_recipe
-
     original, calls = DINO.forward, [0]
 
     def forward(self, batch):
