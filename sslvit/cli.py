@@ -86,10 +86,9 @@ def run_export(argv: list[str] | None = None) -> int:
     parser.add_argument("--onnx", metavar="FILE", help="also export to ONNX and check it with onnxruntime")
     args = parser.parse_args(argv)
     from sslvit import export
-    from sslvit.checkpoint import export_run
 
     if not (args.hub_repo or args.hub_dir or args.onnx):
-        out = export_run(Path(args.run_dir))
+        out = export.export_run(Path(args.run_dir))
         print(f"wrote {out}: load it with timm.create_model('local-dir:{out}', pretrained=True)")
     if args.hub_dir:
         out = export.write_hub_folder(Path(args.run_dir), Path(args.hub_dir))

@@ -47,6 +47,19 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="session")
+def mae_run(tmp_path_factory) -> Path:
+    """A finished tiny MAE run on 32 px digits (depth 2, width 64, patch 4): export + one checkpoint. Read only."""
+    from sslvit.train import pretrain  # imported when a test asks for a run, not for every test
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    run = tmp_path_factory.mktemp("mae") / "run"
+    pretrain(tiny_recipe("quickstart", "train.max_steps=1", "train.checkpoint_every=1", "log.image_every=0"), run)
+    torch.set_num_threads(threads)
+    return run
+
+
 @pytest.fixture
 def cifar10() -> Path:
     if not SHARED_CIFAR10.is_dir():

@@ -11,7 +11,7 @@ import timm
 import torch
 
 from sslvit.backbone import build_backbone, model_args
-from sslvit.checkpoint import complete_checkpoints, export_encoder, load_exported_encoder
+from sslvit.checkpoint import complete_checkpoints, export_encoder
 from sslvit.cli import guarded
 from sslvit.data import open_source
 from sslvit.errors import RecipeError
@@ -23,6 +23,7 @@ from sslvit.objectives import DINO, MAE, DINOConfig, Progress
 from sslvit.objectives.mae import MAEConfig
 from sslvit.recipe import DataConfig, ModelConfig
 from sslvit.train import pretrain
+from sslvit.weights import resolve
 from tests.conftest import crops_batch, tiny_recipe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -69,7 +70,7 @@ def test_dino_trains_a_cnn_and_a_swin_and_their_export_loads_in_timm(name, tmp_p
     encoder = dino.encoder_for_export().eval()
     export_encoder(encoder, name, args, tmp_path / "encoder")
     loaded = timm.create_model(f"local-dir:{tmp_path / 'encoder'}", pretrained=True).eval()
-    strict = load_exported_encoder(tmp_path / "encoder")  # raises on any missing or unexpected key
+    strict = resolve(str(tmp_path / "encoder")).build().eval()  # raises on any missing or unexpected key
     assert type(loaded) is type(encoder) and ("img_size" in args) == (name != "convnext_atto")
     for size in (32, 64) if name == "convnext_atto" else (32, 16):  # Swin's dynamic_img_size travels with it
         images = torch.randn(2, 3, size, size)

@@ -8,9 +8,10 @@ import pytest
 import timm
 import torch
 
-from sslvit.checkpoint import encoder_from_checkpoint, export_run, latest_checkpoint, load_exported_encoder
 from sslvit.errors import CheckpointError
+from sslvit.evaluation.load import load_encoder
 from sslvit.train import pretrain
+from sslvit.weights import latest_checkpoint, resolve
 from tests.conftest import tiny_recipe
 
 
@@ -25,8 +26,8 @@ def test_timm_local_dir_rebuilds_the_encoder_bit_for_bit(trained_run):
     encoder_dir = trained_run / "encoder"
     assert sorted(p.name for p in encoder_dir.iterdir()) == ["config.json", "model.safetensors"]
     from_timm = timm.create_model(f"local-dir:{encoder_dir}", pretrained=True, num_classes=0).eval()
-    ours = load_exported_encoder(encoder_dir)
-    from_checkpoint = encoder_from_checkpoint(latest_checkpoint(trained_run / "checkpoints"))
+    ours = resolve(str(encoder_dir)).build().eval()
+    from_checkpoint, _ = load_encoder(str(latest_checkpoint(trained_run / "checkpoints")))
     torch.manual_seed(0)
     images = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
@@ -40,24 +41,6 @@ def test_timm_local_dir_rebuilds_the_encoder_bit_for_bit(trained_run):
     assert config["model_args"]["depth"] == 2 and config["pretrained_cfg"]["mean"] == [0.485, 0.456, 0.406]
 
 
-def test_export_command_rewrites_the_encoder_from_the_newest_checkpoint(trained_run, capsys):
-    from sslvit.cli import main
-
-    before = (trained_run / "encoder" / "model.safetensors").read_bytes()
-    assert main(["export", str(trained_run)]) == 0
-    assert "local-dir:" in capsys.readouterr().out
-    assert (trained_run / "encoder" / "model.safetensors").read_bytes() == before
-    assert not any(p.name.startswith(".tmp") for p in trained_run.iterdir())
-
-
-def test_export_of_a_folder_without_checkpoints_is_a_clear_error(tmp_path):
-    with pytest.raises(CheckpointError, match="has no complete checkpoint"):
-        export_run(tmp_path)
-    with pytest.raises(CheckpointError, match="needs config.json and model.safetensors"):
-        load_exported_encoder(tmp_path)
-
-
-def test_a_half_written_checkpoint_is_never_picked(trained_run, tmp_path):
-    (trained_run / "checkpoints" / ".tmp-step_00000009").mkdir()
-    (trained_run / "checkpoints" / "step_00000010").mkdir()  # no trainer_state.json: incomplete
-    assert latest_checkpoint(trained_run / "checkpoints").name == "step_00000002"
+def test_an_empty_folder_is_no_export(tmp_path):
+    with pytest.raises(CheckpointError, match="holds no encoder"):
+        resolve(f"local-dir:{tmp_path}")

@@ -27,7 +27,7 @@ def encoder():
 
 @pytest.fixture(scope="module")
 def identity(encoder):
-    from sslvit.evaluation.load import state_sha256
+    from sslvit.weights import state_sha256
 
     return {"sha256": state_sha256(encoder.state_dict()), "img_size": 32}
 

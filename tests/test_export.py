@@ -1,4 +1,5 @@
-"""Routes out of a run: the Hub folder loads in timm, ONNX matches PyTorch, no network is a clear error."""
+"""Routes out of a run: the export rewritten from the newest checkpoint, the Hub folder loads in timm, ONNX matches
+PyTorch, no network is a clear error."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import timm
 import torch
 
 from sslvit.cli import main
-from sslvit.export import export_onnx, push_to_hub, run_encoder
+from sslvit.errors import CheckpointError
+from sslvit.export import export_onnx, export_run, push_to_hub, run_encoder
 from sslvit.train import pretrain
 from tests.conftest import tiny_recipe
 
@@ -19,6 +21,19 @@ def run(tmp_path_factory):
     (run / "eval").mkdir()
     (run / "eval" / "knn.json").write_text('{"metrics": {"top1": 0.5, "top5": 0.9}}')
     return run
+
+
+def test_export_command_rewrites_the_encoder_from_the_newest_checkpoint(run, capsys):
+    before = (run / "encoder" / "model.safetensors").read_bytes()
+    assert main(["export", str(run)]) == 0
+    assert "local-dir:" in capsys.readouterr().out
+    assert (run / "encoder" / "model.safetensors").read_bytes() == before
+    assert not any(p.name.startswith(".tmp") for p in run.iterdir())
+
+
+def test_export_of_a_folder_without_checkpoints_is_a_clear_error(tmp_path):
+    with pytest.raises(CheckpointError, match="has no complete checkpoint"):
+        export_run(tmp_path)
 
 
 def test_hub_dir_is_a_timm_loadable_folder_with_a_model_card(run, tmp_path, capsys):

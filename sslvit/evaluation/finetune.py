@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import timm
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
@@ -54,7 +53,7 @@ from sslvit.errors import CheckpointError, DataError, RecipeError
 from sslvit.evaluation.features import eval_loader
 from sslvit.recipe import RECIPE_PACKAGE, DataConfig
 from sslvit.views import eval_transform
-from sslvit.weights import fit_state_dict
+from sslvit.weights import create_model, fit_state_dict
 
 log = logging.getLogger("sslvit.evaluation")
 
@@ -152,14 +151,16 @@ def _summary_line(doc: str | None) -> str:
     return (doc or "").strip().split("\n")[0]
 
 
-def build_classifier(encoder: torch.nn.Module, identity: dict[str, Any], num_classes: int,
-                     cfg: FinetuneConfig) -> tuple[torch.nn.Module, dict[str, Any]]:  # fmt: skip
+def build_classifier(
+    encoder: torch.nn.Module, identity: dict[str, Any], num_classes: int, cfg: FinetuneConfig
+) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The encoder's timm architecture with a ``num_classes`` head, loaded from the encoder's weights.
 
     ViT: with ``global_pool="avg"`` timm drops the final ``norm`` for an ``fc_norm`` after pooling, as MAE does:
     only the head (and ``fc_norm``) are new, only ``norm`` is left over. Other timm families (a DINO ConvNeXt,
     Swin, ...) keep their own pooling; only their classifier (``get_classifier()``) is new. Anything else missing
-    or left over is a CheckpointError.
+    or left over is a CheckpointError. The weights go through the shared fit (:func:`sslvit.weights.fit_state_dict`):
+    ``pos_embed`` is resampled if the encoder's grid differs.
 
     Returns:
         ``(model, create_model arguments that rebuild it)``.
@@ -168,13 +169,14 @@ def build_classifier(encoder: torch.nn.Module, identity: dict[str, Any], num_cla
     args = {**identity["model_args"], "num_classes": num_classes}
     if is_vit:
         args["global_pool"] = cfg.global_pool
-    model = timm.create_model(identity["architecture"], pretrained=False, drop_path_rate=cfg.drop_path_rate, **args)
+    architecture = identity["architecture"]
+    model = create_model(architecture, {**args, "drop_path_rate": cfg.drop_path_rate})
     classifier = model.get_classifier()
-    prefix = next(name for name, module in model.named_modules() if module is classifier) + "."
-    avg = is_vit and cfg.global_pool == "avg"  # the shared fit: pos_embed resampled if the encoder's grid differs
-    new_ok, ignore_ok = ((prefix, "fc_norm."), ("norm.",)) if avg else ((prefix,), ())
-    fit_state_dict(model, encoder.state_dict(), "the encoder", f"{identity['architecture']} with a classifier head",
-                   new_ok=new_ok, ignore_ok=ignore_ok)  # fmt: skip
+    head = next(name for name, module in model.named_modules() if module is classifier) + "."
+    avg = is_vit and cfg.global_pool == "avg"
+    new_ok, ignore_ok = ((head, "fc_norm."), ("norm.",)) if avg else ((head,), ())
+    target = f"{architecture} with a classifier head"
+    fit_state_dict(model, encoder.state_dict(), "the encoder", target, new_ok=new_ok, ignore_ok=ignore_ok)
     torch.nn.init.trunc_normal_(classifier.weight, std=2e-5)  # MAE: following MoCo v3
     torch.nn.init.zeros_(classifier.bias)
     return model, args
