@@ -48,8 +48,14 @@ class CompareAcrossRanks(DINO):
 
 def check_training_agrees(out_dir: Path) -> None:
     OBJECTIVES["dino"] = CompareAcrossRanks
-    recipe = tiny_recipe("quickstart_dino", *TINY_DINO, "train.max_steps=3", "log.image_every=0",
-                         "train.global_batch_size=16", "train.batch_size_per_device=8")  # fmt: skip
+    recipe = tiny_recipe(
+        "quickstart_dino",
+        *TINY_DINO,
+        "train.max_steps=3",
+        "log.image_every=0",
+        "train.global_batch_size=16",
+        "train.batch_size_per_device=8",
+    )
     pretrain(recipe, out_dir)  # ends by destroying its process group
     assert CompareAcrossRanks.steps == [(True, True, True)] * 3, (
         f"(2 ranks, centre, teacher): {CompareAcrossRanks.steps}"
@@ -67,8 +73,9 @@ def check_centre_formula() -> None:
     dino = make_dino()
     student, teacher = outputs[rank]
     loss = dino.compute_loss(student, teacher)
-    expected_loss, expected_center = official_dino_loss(student, teacher, torch.zeros(1, k), crops, dino.teacher_temp,
-                                                        all_teacher_outputs=[t for _, t in outputs])  # fmt: skip
+    expected_loss, expected_center = official_dino_loss(
+        student, teacher, torch.zeros(1, k), crops, dino.teacher_temp, all_teacher_outputs=[t for _, t in outputs]
+    )
     torch.testing.assert_close(loss, expected_loss)
     dino.after_step(Progress(step=0, total_steps=10, epochs=1))  # the centre moves after the optimizer step
     torch.testing.assert_close(dino.dino_loss.center.view(1, k), expected_center)
@@ -79,8 +86,12 @@ def check_centre_formula() -> None:
 if __name__ == "__main__":
     out_dir = Path(sys.argv[1])
     check_training_agrees(out_dir)
-    dist.init_process_group("gloo", init_method=f"file://{out_dir / 'process_group'}", rank=int(os.environ["RANK"]),
-                            world_size=int(os.environ["WORLD_SIZE"]))  # fmt: skip
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{out_dir / 'process_group'}",
+        rank=int(os.environ["RANK"]),
+        world_size=int(os.environ["WORLD_SIZE"]),
+    )
     check_centre_formula()
     dist.barrier()
     print(f"dist_dino_check: ok (rank {dist.get_rank()})", flush=True)

@@ -26,8 +26,8 @@ from sslvit.viz import attention_weights
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 TINY = {"img_size": 32, "patch_size": 4, "depth": 2, "embed_dim": 64, "num_heads": 2, "num_classes": 0}
-RANDOM_TINY = ["--encoder", "vit_tiny_patch16_224", "--weights", "random", "--model-args", "img_size=32",
-               "patch_size=4", "depth=2", "embed_dim=64", "num_heads=2"]  # fmt: skip
+MODEL_ARGS = ["img_size=32", "patch_size=4", "depth=2", "embed_dim=64", "num_heads=2"]
+RANDOM_TINY = ["--encoder", "vit_tiny_patch16_224", "--weights", "random", "--model-args", *MODEL_ARGS]
 
 
 def centres(h: int, w: int, patch: int) -> list[tuple[float, float]]:
@@ -125,8 +125,20 @@ def test_cli_writes_json_plots_and_tensorboard_into_the_run_folder(tmp_path, cap
     run.mkdir()
     (run / "config.json").write_text("{}")
     export_encoder(timm.create_model("vit_tiny_patch16_224", **TINY), "vit_tiny_patch16_224", TINY, run / "encoder")
-    argv = ["--encoder", str(run), "--data", "digits", "--num-images", "10", "--num-maps", "3", "--batch-size", "4",
-            "--num-workers", "0"]  # fmt: skip
+    argv = [
+        "--encoder",
+        str(run),
+        "--data",
+        "digits",
+        "--num-images",
+        "10",
+        "--num-maps",
+        "3",
+        "--batch-size",
+        "4",
+        "--num-workers",
+        "0",
+    ]
     assert main(["attention-distance", *argv]) == 0
 
     report = json.loads((run / "eval" / "attention_distance.json").read_text())

@@ -79,17 +79,23 @@ def test_dino_trains_a_cnn_and_a_swin_and_their_export_loads_in_timm(name, tmp_p
 
     model, identity = load_encoder(str(tmp_path / "encoder"))
     assert (identity["img_size"], identity["pretrain_img_size"], identity["architecture"]) == (32, 32, name)
-    result = knn_eval(model, open_source(DIGITS, "train"), open_source(DIGITS, "test"), limit_train=200,
-                      limit_test=50, batch_size=64)  # fmt: skip
+    result = knn_eval(
+        model, open_source(DIGITS, "train"), open_source(DIGITS, "test"), limit_train=200, limit_test=50, batch_size=64
+    )
     assert result["num_train"] == 200 and 10 < result["top1"] <= 100  # chance is 10%
 
 
 def test_model_args_keep_vit_overrides_for_vits_only():
     vit = ModelConfig(name="vit_tiny_patch16_224", img_size=32, patch_size=4, depth=2, embed_dim=64, num_heads=2)
     assert model_args(vit, dynamic_img_size=True) == {
-        "img_size": 32, "patch_size": 4, "num_classes": 0, "depth": 2, "embed_dim": 64, "num_heads": 2,
+        "img_size": 32,
+        "patch_size": 4,
+        "num_classes": 0,
+        "depth": 2,
+        "embed_dim": 64,
+        "num_heads": 2,
         "dynamic_img_size": True,
-    }  # fmt: skip
+    }
     cnn = ModelConfig(name="convnext_atto", img_size=32, patch_size=4, depth=2, embed_dim=64)
     assert model_args(cnn, dynamic_img_size=True) == {"num_classes": 0}  # a CNN takes any size and no img_size
     swin = ModelConfig(name="swin_tiny_patch4_window7_224", img_size=64, patch_size=16)
@@ -100,8 +106,10 @@ def test_model_args_keep_vit_overrides_for_vits_only():
 
 def test_a_fixed_size_model_gets_local_crops_at_its_own_size(caplog):
     with caplog.at_level(logging.WARNING, logger="sslvit"):
-        dino, args = make_dino("resmlp_12_224", DINOConfig(out_dim=64, hidden_dim=32, bottleneck_dim=16,
-                                                           local_crop_size=16, local_crops_number=1))  # fmt: skip
+        dino, args = make_dino(
+            "resmlp_12_224",
+            DINOConfig(out_dim=64, hidden_dim=32, bottleneck_dim=16, local_crop_size=16, local_crops_number=1),
+        )
     assert args == {"num_classes": 0, "img_size": 32}  # ResMLP has no dynamic_img_size: timm pins it to 32 px
     assert "resmlp_12_224 cannot take 16 px images" in caplog.text and "objective.local_crops_number=0" in caplog.text
     batch = crops_batch(dino, n=2)
@@ -126,9 +134,15 @@ def test_pretrain_refuses_mae_on_a_cnn_before_any_step(tmp_path):
 
 def test_quickstart_dino_with_a_cnn_name_pretrains_exports_and_evaluates(tmp_path, caplog):
     """The user's path: --set model.name=convnext_atto on the ViT recipe, then `sslvit knn --encoder RUN`."""
-    recipe = tiny_recipe("quickstart_dino", "model.name=convnext_atto", "model.drop_path_rate=0.1",
-                         "objective.out_dim=64", "objective.hidden_dim=32", "objective.bottleneck_dim=16",
-                         "objective.local_crops_number=2")  # fmt: skip
+    recipe = tiny_recipe(
+        "quickstart_dino",
+        "model.name=convnext_atto",
+        "model.drop_path_rate=0.1",
+        "objective.out_dim=64",
+        "objective.hidden_dim=32",
+        "objective.bottleneck_dim=16",
+        "objective.local_crops_number=2",
+    )
     run = tmp_path / "run"
     with caplog.at_level(logging.WARNING, logger="sslvit"):
         summary = pretrain(recipe, run)
@@ -143,16 +157,46 @@ def test_quickstart_dino_with_a_cnn_name_pretrains_exports_and_evaluates(tmp_pat
     _, larger = load_encoder(str(run / "encoder"), img_size=48)  # a CNN takes any size as it is
     assert (larger["img_size"], larger["pretrain_img_size"]) == (48, 32)
 
-    argv = ["--encoder", str(run), "--data", "digits", "--limit-train", "200", "--limit-test", "50",
-            "--num-workers", "0", "--k", "10", "--no-cache"]  # fmt: skip
+    argv = [
+        "--encoder",
+        str(run),
+        "--data",
+        "digits",
+        "--limit-train",
+        "200",
+        "--limit-test",
+        "50",
+        "--num-workers",
+        "0",
+        "--k",
+        "10",
+        "--no-cache",
+    ]
     assert guarded(run_knn, argv) == 0
     report = json.loads((run / "eval" / "knn.json").read_text())
     assert report["encoder"]["architecture"] == "convnext_atto" and report["metrics"]["top1"] > 10
 
     # fine-tuning: only the CNN's classifier (head.fc) is new; its head.norm comes from the encoder
     out = tmp_path / "ft.json"
-    argv = ["--encoder", str(run), "--data", "digits", "--limit-train", "40", "--limit-test", "20", "--batch-size",
-            "8", "--num-workers", "0", "--json-out", str(out), "--set", "epochs=1", "warmup_epochs=0"]  # fmt: skip
+    argv = [
+        "--encoder",
+        str(run),
+        "--data",
+        "digits",
+        "--limit-train",
+        "40",
+        "--limit-test",
+        "20",
+        "--batch-size",
+        "8",
+        "--num-workers",
+        "0",
+        "--json-out",
+        str(out),
+        "--set",
+        "epochs=1",
+        "warmup_epochs=0",
+    ]
     assert guarded(run_finetune, argv) == 0
     model = timm.create_model(f"local-dir:{json.loads(out.read_text())['model_dir']}", pretrained=True).eval()
     assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)

@@ -1,31 +1,29 @@
-"""The end-to-end throughput benchmark runs and reports its fields; the loader levers it measures change nothing."""
+"""Smoke test of benchmarks/pretrain_e2e.py: every suite runs and reports its fields."""
 
 from __future__ import annotations
 
 import json
-import logging
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
-from lightly.transforms import MAETransform
-from PIL import Image
-from safetensors.torch import load_file
-
-from sslvit import data
-from sslvit.cache import DecodedSource, maybe_decoded
-from sslvit.errors import DataError, RecipeError
-from sslvit.recipe import DataConfig
-from sslvit.train import pretrain
-from tests.conftest import tiny_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
-FIELDS = {"e2e_images_per_s", "e2e_steady_images_per_s", "bare_images_per_s", "loader_images_per_s",
-          "e2e_over_bare", "loader_over_bare", "checkpoint_s", "e2e_cpu_ms_per_image", "bare_cpu_ms_per_image",
-          "num_workers", "precision", "device"}  # fmt: skip
+FIELDS = {
+    "e2e_images_per_s",
+    "e2e_steady_images_per_s",
+    "bare_images_per_s",
+    "loader_images_per_s",
+    "e2e_over_bare",
+    "loader_over_bare",
+    "checkpoint_s",
+    "e2e_cpu_ms_per_image",
+    "bare_cpu_ms_per_image",
+    "num_workers",
+    "precision",
+    "device",
+}
 
 
 @pytest.mark.parametrize("suite", ["cpu", "gpu"])
@@ -41,74 +39,3 @@ def test_suite_smoke_prints_one_json_object_per_case(suite):
         assert result["e2e_images_per_s"] > 0 and result["bare_images_per_s"] > 0 and result["loader_images_per_s"] > 0
         assert result["e2e_over_bare"] == pytest.approx(result["e2e_images_per_s"] / result["bare_images_per_s"], 0.01)
     assert results[0]["data"] == "digits" if suite == "cpu" else results[0]["data"].endswith("jpegs")
-
-
-def _png_folder(root: Path, n: int = 24) -> Path:
-    rng = np.random.default_rng(0)
-    for i in range(n):
-        folder = root / f"class{i % 2}"
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(rng.integers(0, 256, (20 + i % 3, 24, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-    (root / "class0" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
-    return root
-
-
-def test_decoded_source_returns_the_same_pixels_labels_and_skips(tmp_path):
-    source = data.open_source(DataConfig(path=str(_png_folder(tmp_path))))
-    cached = DecodedSource(source, limit_mb=1)
-    assert len(cached) == len(source) == 25
-    for index in range(len(source)):
-        try:
-            image, label = source.load(index)
-        except data.BadSample as e:
-            with pytest.raises(data.BadSample, match=e.reason):
-                cached.load(index)
-            continue
-        again, same_label = cached.load(index)
-        assert same_label == label and again.mode == "RGB"
-        assert np.array_equal(np.asarray(again), np.asarray(image))
-
-
-def test_decode_cache_too_small_falls_back_and_with_streaming_is_one_clear_error(tmp_path, caplog):
-    source = data.open_source(DataConfig(path=str(_png_folder(tmp_path))))
-    with pytest.raises(DataError, match="data.decode_cache_mb=0"):
-        DecodedSource(source, limit_mb=0)  # maybe_decoded never asks for 0; a too-small limit reads the same
-    assert maybe_decoded(source, limit_mb=0) is source  # 0 = off
-    big = tmp_path / "big" / "class0"
-    big.mkdir(parents=True)
-    for i in range(2):  # 2 x 3 MiB of pixels: more than a 4 MiB cap
-        Image.fromarray(np.zeros((1024, 1024, 3), dtype=np.uint8)).save(big / f"{i}.png")
-    big_source = data.open_source(DataConfig(path=str(big.parent)))
-    with caplog.at_level(logging.WARNING, logger="sslvit"):
-        assert maybe_decoded(big_source, limit_mb=4) is big_source  # a cap, not a demand: decoded every epoch
-    assert "more than data.decode_cache_mb=4" in caplog.text and "decoding every epoch instead" in caplog.text
-    with pytest.raises(RecipeError, match="data.decode_cache_mb"):
-        tiny_recipe("quickstart", "data.streaming=true", "data.decode_cache_mb=64")
-
-
-def test_decode_cache_trains_bit_identically(tmp_path, one_thread):
-    folder = str(_png_folder(tmp_path / "images", 32))
-    runs = {}
-    for cache in (0, 16):
-        recipe = tiny_recipe("quickstart", f"data.path={folder}", f"data.decode_cache_mb={cache}", "log.image_every=0")
-        pretrain(recipe, tmp_path / f"cache{cache}")
-        runs[cache] = load_file(str(tmp_path / f"cache{cache}" / "encoder" / "model.safetensors"))
-    assert runs[0].keys() == runs[16].keys()
-    assert all(torch.equal(runs[0][k], runs[16][k]) for k in runs[0])
-
-
-def test_worker_augmentations_equal_the_main_process_ones_and_main_rng_is_restored(one_thread):
-    # in workers seeded_rng skips restoring the RNGs (it reseeds them per sample): the draws must not change
-    transform = MAETransform(input_size=32)  # torchvision draws from torch's RNG
-    dataset = data.TransformedImages(data.open_source(DataConfig(path="digits")), transform, seed=3)
-    batches = {}
-    for workers in (0, 2):
-        loader = data.make_loader(dataset, 8, shuffle=True, drop_last=True, cfg=DataConfig(num_workers=workers),
-                                  seed=1)  # fmt: skip
-        batches[workers] = [b["views"][0] for _, b in zip(range(3), loader)]
-    assert all(torch.equal(a, b) for a, b in zip(batches[0], batches[2]))
-    torch.manual_seed(5)
-    expected = torch.rand(3)
-    torch.manual_seed(5)
-    dataset[0]  # the main process: its RNG is put back
-    assert torch.equal(torch.rand(3), expected)

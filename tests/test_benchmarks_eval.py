@@ -38,8 +38,9 @@ def test_a_bank_that_is_not_unit_norm_is_searched_block_by_block(monkeypatch):
     ref = {}
     for k in (5, 20):
         chunks = []
-        eval_speed.dino_knn_classifier(problem["train"], problem["train_labels"], problem["test"],
-                                       problem["test_labels"], k, 0.07, 10, chunks)  # fmt: skip
+        eval_speed.dino_knn_classifier(
+            problem["train"], problem["train_labels"], problem["test"], problem["test_labels"], k, 0.07, 10, chunks
+        )
         ref[k] = torch.cat(chunks)
     assert eval_speed.agreement(ours, ref) == {k: {"top1_pct": 100.0, "top5_ranking_pct": 100.0} for k in ("5", "20")}
 

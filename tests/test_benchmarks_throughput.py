@@ -78,8 +78,9 @@ def test_a_lever_is_timed_against_sslvit_itself(one_thread):
 
 
 def test_flop_count_is_the_analytic_vit_count_and_restores_fused_attention(one_thread):
-    vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=4, depth=2, embed_dim=64, num_heads=2,
-                            num_classes=0)  # fmt: skip
+    vit = timm.create_model(
+        "vit_tiny_patch16_224", img_size=32, patch_size=4, depth=2, embed_dim=64, num_heads=2, num_classes=0
+    )
     images = torch.randn(2, 3, 32, 32)
     flops = throughput.count_flops(lambda: vit(images), vit)
     tokens, dim, patches = 65, 64, 64
@@ -89,14 +90,14 @@ def test_flop_count_is_the_analytic_vit_count_and_restores_fused_attention(one_t
     assert all(block.attn.fused_attn == timm.layers.use_fused_attn() for block in vit.blocks)
 
 
-def test_suites_build_valid_recipes():
-    cpu, gpu = throughput.SUITES["cpu"], throughput.SUITES["gpu"]
-    assert [(c.objective, c.model, c.img, c.patch, c.batch) for c in cpu] == [
-        ("mae", "vit_tiny_patch16_224", 32, 4, 64),
-        ("dino", "vit_tiny_patch16_224", 32, 4, 64),
-    ]
-    dino = throughput.make_recipe(cpu[1])
-    assert (dino.objective.out_dim, dino.objective.local_crops_number, dino.objective.local_crop_size) == (4096, 6, 16)
-    gpu_dino = throughput.make_recipe(gpu[1])
-    assert gpu_dino.name == "dino_vit_s16" and gpu_dino.objective.local_crops_number == 10
-    assert throughput.make_recipe(gpu[0]).name == "mae_vit_b" and all(c.precision == "bf16" for c in gpu)
+@pytest.mark.parametrize("suite", sorted(throughput.SUITES))
+def test_every_suite_case_builds_a_valid_recipe_of_its_own_shape(suite):
+    for cfg in throughput.SUITES[suite]:
+        recipe = throughput.make_recipe(cfg)  # validated: a case the recipe refuses fails here, not in the bench
+        model, train = recipe.model, recipe.train
+        shape = (recipe.objective.name, model.name, model.img_size, model.patch_size, train.batch_size_per_device)
+        assert shape == (cfg.objective, cfg.model, cfg.img, cfg.patch, cfg.batch)
+        assert train.precision == ("no" if cfg.precision == "fp32" else cfg.precision)
+        if cfg.local_crops is not None:
+            crops = (recipe.objective.local_crops_number, recipe.objective.local_crop_size)
+            assert crops == (cfg.local_crops, cfg.local_size)

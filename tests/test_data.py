@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from datasets import ClassLabel, Dataset, Value
+from lightly.transforms import MAETransform
 from PIL import Image
 
 from sslvit import data
@@ -285,3 +286,19 @@ def test_make_loader_end_to_end_skips_corrupt_files(class_folder, workers):
 def test_resolve_num_workers_auto():
     assert data.resolve_num_workers(DataConfig(num_workers=3)) == 3
     assert 1 <= data.resolve_num_workers(DataConfig(num_workers=-1)) <= 8
+
+
+def test_worker_augmentations_equal_the_main_process_ones_and_main_rng_is_restored(one_thread):
+    # in workers seeded_rng skips restoring the RNGs (it reseeds them per sample): the draws must not change
+    transform = MAETransform(input_size=32)  # torchvision draws from torch's RNG
+    dataset = data.TransformedImages(data.open_source(DataConfig(path="digits")), transform, seed=3)
+    batches = {}
+    for workers in (0, 2):
+        loader = data.make_loader(dataset, 8, shuffle=True, drop_last=True, cfg=DataConfig(num_workers=workers), seed=1)
+        batches[workers] = [b["views"][0] for _, b in zip(range(3), loader)]
+    assert all(torch.equal(a, b) for a, b in zip(batches[0], batches[2]))
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    dataset[0]  # the main process: its RNG is put back
+    assert torch.equal(torch.rand(3), expected)

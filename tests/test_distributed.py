@@ -13,10 +13,19 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = [
-    "model.depth=2", "model.embed_dim=64", "model.num_heads=2", "data.num_workers=0", "train.global_batch_size=32",
-    "train.batch_size_per_device=16", "train.max_steps=20", "train.checkpoint_every=10", "log.every=1",
-    "log.image_every=0", "objective.decoder_depth=1", "train.precision=no",
-]  # fmt: skip
+    "model.depth=2",
+    "model.embed_dim=64",
+    "model.num_heads=2",
+    "data.num_workers=0",
+    "train.global_batch_size=32",
+    "train.batch_size_per_device=16",
+    "train.max_steps=20",
+    "train.checkpoint_every=10",
+    "log.every=1",
+    "log.image_every=0",
+    "objective.decoder_depth=1",
+    "train.precision=no",
+]
 
 
 def _pretrain(out: Path, processes: int) -> subprocess.CompletedProcess:

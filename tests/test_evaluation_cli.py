@@ -20,8 +20,8 @@ from sslvit.evaluation import features
 from sslvit.evaluation.cli import run_knn, run_linear_probe
 
 ROOT = Path(__file__).parents[1]
-RANDOM_TINY = ["--encoder", "vit_tiny_patch16_224", "--weights", "random", "--model-args", "img_size=32",
-               "patch_size=8", "depth=2", "embed_dim=32", "num_heads=2"]  # fmt: skip
+MODEL_ARGS = ["img_size=32", "patch_size=8", "depth=2", "embed_dim=32", "num_heads=2"]
+RANDOM_TINY = ["--encoder", "vit_tiny_patch16_224", "--weights", "random", "--model-args", *MODEL_ARGS]
 DIGITS = ["--data", "digits", "--limit-train", "300", "--limit-test", "100", "--num-workers", "0"]
 
 
@@ -69,8 +69,21 @@ def test_json_goes_into_the_run_folder_by_default(tmp_path):
 
 def test_linear_probe_augment_mode_trains_through_the_encoder(tmp_path):
     out = tmp_path / "probe.json"
-    argv = [*RANDOM_TINY, *DIGITS, "--cache-dir", str(tmp_path), "--json-out", str(out), "--epochs", "2",
-            "--augment", "--batch-size", "64", "--set", "lr_grid=10"]  # fmt: skip
+    argv = [
+        *RANDOM_TINY,
+        *DIGITS,
+        "--cache-dir",
+        str(tmp_path),
+        "--json-out",
+        str(out),
+        "--epochs",
+        "2",
+        "--augment",
+        "--batch-size",
+        "64",
+        "--set",
+        "lr_grid=10",
+    ]
     assert guarded(run_linear_probe, argv) == 0
     report = json.loads(out.read_text())
     assert report["protocol"] == "mae-linear-augment" and report["hyperparameters"]["augment"] is True
@@ -96,8 +109,22 @@ def test_entry_point_runs_as_a_script(tmp_path):
 
 def test_knn_on_cifar10_parquet(tmp_path, cifar10):
     out = tmp_path / "knn.json"
-    argv = [*RANDOM_TINY, "--data", str(cifar10), "--limit-train", "200", "--limit-test", "50", "--num-workers", "0",
-            "--k", "10", "--no-cache", "--json-out", str(out)]  # fmt: skip
+    argv = [
+        *RANDOM_TINY,
+        "--data",
+        str(cifar10),
+        "--limit-train",
+        "200",
+        "--limit-test",
+        "50",
+        "--num-workers",
+        "0",
+        "--k",
+        "10",
+        "--no-cache",
+        "--json-out",
+        str(out),
+    ]
     assert guarded(run_knn, argv) == 0
     report = json.loads(out.read_text())
     assert report["data"]["num_classes"] == 10 and report["data"]["test_size"] == 50
@@ -106,12 +133,28 @@ def test_knn_on_cifar10_parquet(tmp_path, cifar10):
 
 def test_two_processes_give_the_same_features_without_duplicates(tmp_path):
     # odd sizes: the last batch of each process is padded, and gather_for_metrics must drop exactly the padding
-    argv = [*RANDOM_TINY, "--data", "digits", "--limit-train", "301", "--limit-test", "97", "--batch-size", "32",
-            "--num-workers", "0", "--no-cache", "--k", "10", "20"]  # fmt: skip
+    argv = [
+        *RANDOM_TINY,
+        "--data",
+        "digits",
+        "--limit-train",
+        "301",
+        "--limit-test",
+        "97",
+        "--batch-size",
+        "32",
+        "--num-workers",
+        "0",
+        "--no-cache",
+        "--k",
+        "10",
+        "20",
+    ]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}  # Accelerate needs it for gloo on CPU
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(ROOT / "eval/knn.py")]
-    done = subprocess.run([*launch, *argv, "--json-out", str(tmp_path / "two.json")], env=env, capture_output=True,
-                          text=True, timeout=300)  # fmt: skip
+    done = subprocess.run(
+        [*launch, *argv, "--json-out", str(tmp_path / "two.json")], env=env, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert guarded(run_knn, [*argv, "--json-out", str(tmp_path / "one.json")]) == 0
     one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))

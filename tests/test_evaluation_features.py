@@ -21,8 +21,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def encoder():
     torch.manual_seed(0)
-    return timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=3, embed_dim=32, num_heads=2,
-                             num_classes=0).eval()  # fmt: skip
+    return timm.create_model(
+        "vit_tiny_patch16_224", img_size=32, patch_size=8, depth=3, embed_dim=32, num_heads=2, num_classes=0
+    ).eval()
 
 
 @pytest.fixture(scope="module")
@@ -71,9 +72,18 @@ def test_second_request_reads_the_cache_and_extracts_nothing(tmp_path, encoder, 
 def test_cache_key_changes_with_encoder_data_and_transform():
     data = {"description": "digits [train]", "split": "train", "limit": None}
     base = F.feature_key("a" * 16, data, 32, 1.0, 4)
-    assert len({base, F.feature_key("b" * 16, data, 32, 1.0, 4), F.feature_key("a" * 16, data, 48, 1.0, 4),
+    assert (
+        len(
+            {
+                base,
+                F.feature_key("b" * 16, data, 32, 1.0, 4),
+                F.feature_key("a" * 16, data, 48, 1.0, 4),
                 F.feature_key("a" * 16, data, 32, 0.875, 4),
-                F.feature_key("a" * 16, {**data, "split": "test"}, 32, 1.0, 4)}) == 5  # fmt: skip
+                F.feature_key("a" * 16, {**data, "split": "test"}, 32, 1.0, 4),
+            }
+        )
+        == 5
+    )
 
 
 def _image_folder(root, labelled: bool, corrupt: bool = False):
@@ -104,7 +114,8 @@ def test_a_folder_without_splits_is_refused(tmp_path):
 def test_undecodable_images_are_left_out_and_counted(tmp_path, encoder, identity):
     cfg = DataConfig(path=str(_image_folder(tmp_path / "data", labelled=True, corrupt=True)), num_workers=0)
     train, test, split = F.open_labelled(cfg, "train", None)
-    feats, skipped = F.extract_features(encoder, train, np.arange(len(train)), img_size=32, crop_pct=1.0,
-                                        batch_size=3, cfg=cfg)  # fmt: skip
+    feats, skipped = F.extract_features(
+        encoder, train, np.arange(len(train)), img_size=32, crop_pct=1.0, batch_size=3, cfg=cfg
+    )
     assert (split, skipped, len(feats), len(train)) == ("test", 1, 8, 9)
     assert torch.equal(feats.labels, torch.tensor([0, 0, 0, 0, 1, 1, 1, 1]))

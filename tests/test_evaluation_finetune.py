@@ -64,8 +64,9 @@ def test_classifier_keeps_the_encoder_and_adds_only_the_head(encoder_dir, pool, 
 def test_classifier_refuses_an_encoder_that_does_not_fit(encoder_dir):
     encoder, identity = load_encoder(str(encoder_dir))
     with pytest.raises(CheckpointError, match="does not fit"):
-        build_classifier(encoder, {**identity, "model_args": {**identity["model_args"], "depth": 3}}, 7,
-                         FinetuneConfig())  # fmt: skip
+        build_classifier(
+            encoder, {**identity, "model_args": {**identity["model_args"], "depth": 3}}, 7, FinetuneConfig()
+        )
 
 
 def test_randaugment_survives_posterize_at_full_magnitude():
@@ -83,8 +84,24 @@ def test_mixup_needs_an_even_batch():
 
 def test_tiny_finetune_exports_a_timm_model_and_resumes(encoder_dir, tmp_path):
     out = tmp_path / "ft.json"
-    argv = ["--encoder", str(encoder_dir), "--data", "digits", "--limit-train", "64", "--limit-test", "40",
-            "--batch-size", "16", "--num-workers", "0", "--json-out", str(out), "--set", "warmup_epochs=0"]  # fmt: skip
+    argv = [
+        "--encoder",
+        str(encoder_dir),
+        "--data",
+        "digits",
+        "--limit-train",
+        "64",
+        "--limit-test",
+        "40",
+        "--batch-size",
+        "16",
+        "--num-workers",
+        "0",
+        "--json-out",
+        str(out),
+        "--set",
+        "warmup_epochs=0",
+    ]
     assert guarded(run_finetune, [*argv, "epochs=1"]) == 0
     report = json.loads(out.read_text())
     assert report["resumed_from_epoch"] == 0 and len(report["history"]) == 1
@@ -139,8 +156,10 @@ def test_unknown_or_malformed_finetune_recipes_are_one_clear_error(tmp_path):
     with pytest.raises(RecipeError, match="must define RECIPE = FinetuneConfig"):
         load_finetune_recipe(str(ROOT / "recipes" / "quickstart.py"))  # a pretraining recipe
     own = tmp_path / "my_finetune.py"
-    own.write_text("from dataclasses import replace\nfrom sslvit.recipes.finetune_deit import RECIPE\n"
-                   "RECIPE = replace(RECIPE, epochs=7)\n")  # fmt: skip
+    own.write_text(
+        "from dataclasses import replace\nfrom sslvit.recipes.finetune_deit import RECIPE\n"
+        "RECIPE = replace(RECIPE, epochs=7)\n"
+    )
     expected = dataclasses.replace(load_finetune_recipe("finetune_deit")[1], epochs=7)
     assert load_finetune_recipe(str(own)) == ("my_finetune", expected)
 
@@ -200,9 +219,28 @@ def test_finetune_list_recipes_needs_no_encoder(capsys):
 
 def test_deit_small_data_runs_end_to_end_with_every_augmentation_on(encoder_dir, tmp_path):
     out = tmp_path / "ft.json"
-    argv = ["--encoder", str(encoder_dir), "--data", "digits", "--limit-train", "96", "--limit-test", "40",
-            "--batch-size", "16", "--num-workers", "0", "--json-out", str(out), "--recipe",
-            "finetune_deit_small_data", "--set", "epochs=2", "warmup_epochs=1", "min_warmup_steps=4"]  # fmt: skip
+    argv = [
+        "--encoder",
+        str(encoder_dir),
+        "--data",
+        "digits",
+        "--limit-train",
+        "96",
+        "--limit-test",
+        "40",
+        "--batch-size",
+        "16",
+        "--num-workers",
+        "0",
+        "--json-out",
+        str(out),
+        "--recipe",
+        "finetune_deit_small_data",
+        "--set",
+        "epochs=2",
+        "warmup_epochs=1",
+        "min_warmup_steps=4",
+    ]
     assert guarded(run_finetune, argv) == 0
     report = json.loads(out.read_text())
     hyper = report["hyperparameters"]

@@ -36,8 +36,9 @@ def test_matches_dino_reference_for_every_k(temperature):
     ours = knn_classify(train, train_labels, test, test_labels, ks, temperature, num_classes=10, chunk_size=37)
     normalize = torch.nn.functional.normalize
     for k in ks:
-        top1, top5 = dino_knn_classifier(normalize(train, dim=1), train_labels, normalize(test, dim=1), test_labels,
-                                         k, temperature, 10)  # fmt: skip
+        top1, top5 = dino_knn_classifier(
+            normalize(train, dim=1), train_labels, normalize(test, dim=1), test_labels, k, temperature, 10
+        )
         assert ours[k]["top1"] == pytest.approx(top1) and ours[k]["top5"] == pytest.approx(top5), k
     assert 30 < ours[20]["top1"] < 100  # the problem is neither trivial nor hopeless
 
@@ -57,11 +58,13 @@ def test_k_larger_than_the_bank_is_refused():
 
 def test_online_monitor_is_cheap_and_leaves_the_encoder_training():
     torch.manual_seed(0)
-    encoder = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, embed_dim=32, num_heads=2,
-                                num_classes=0).train()  # fmt: skip
+    encoder = timm.create_model(
+        "vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, embed_dim=32, num_heads=2, num_classes=0
+    ).train()
     digits = DataConfig(path="digits", num_workers=0)
-    result = knn_eval(encoder, open_source(digits, "train"), open_source(digits, "test"), ks=(20, 5),
-                      limit_train=200, limit_test=50)  # fmt: skip
+    result = knn_eval(
+        encoder, open_source(digits, "train"), open_source(digits, "test"), ks=(20, 5), limit_train=200, limit_test=50
+    )
     assert (result["k"], result["num_train"], result["num_test"]) == (20, 200, 50)
     assert set(result["per_k"]) == {5, 20} and 10 < result["top1"] <= 100  # above chance (10%) even at random init
     assert encoder.training

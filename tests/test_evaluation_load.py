@@ -74,8 +74,9 @@ def test_official_mae_checkpoint_loads_with_decoder_dropped(tmp_path, vit, image
     state.update({"mask_token": torch.zeros(1, 1, 192), **{k: torch.zeros(shape) for k, shape in decoder.items()}})
     file = tmp_path / "mae_pretrain_vit_tiny.pth"
     torch.save({"model": state, "epoch": 799, "args": argparse.Namespace(model="mae_vit_tiny")}, file)
-    named, ident = load_encoder(NAME, weights=str(file), model_args={k: ARGS[k] for k in ("img_size", "patch_size",
-                                                                                           "depth")})  # fmt: skip
+    named, ident = load_encoder(
+        NAME, weights=str(file), model_args={k: ARGS[k] for k in ("img_size", "patch_size", "depth")}
+    )
     assert ident["kind"] == "mae" and _same(named, vit, images)
     inferred, ident = load_encoder(str(file))  # shape read from the weights: ViT-Tiny width, depth 2, patch 8
     assert ident["model_args"]["depth"] == 2 and _same(inferred, vit, images)
@@ -103,8 +104,9 @@ def test_wrong_architecture_is_one_error_listing_what_did_not_fit(tmp_path, vit)
     state["extra.weight"] = torch.zeros(2)
     save_file(state, str(file))
     with pytest.raises(CheckpointError) as err:
-        load_encoder("vit_small_patch16_224", weights=str(file), model_args={"img_size": 32, "patch_size": 8,
-                                                                             "depth": 2})  # fmt: skip
+        load_encoder(
+            "vit_small_patch16_224", weights=str(file), model_args={"img_size": 32, "patch_size": 8, "depth": 2}
+        )
     message = str(err.value)
     assert "missing keys" in message and "unexpected keys [extra.weight]" in message
     assert "shape mismatches (file vs model) [blocks.0.attn.proj.bias: (192,) vs (384,)" in message

@@ -85,8 +85,13 @@ def test_gradients_reach_the_encoder_and_not_the_fixed_position_embeddings():
     assert vit.patch_embed.proj.weight.grad.abs().sum() > 0
     assert vit.blocks[-1].mlp.fc2.weight.grad.abs().sum() > 0
     assert not vit.pos_embed.requires_grad and not mae.decoder.pos_embed.requires_grad
-    names = {n for g in mae.param_groups(0.05) if g["weight_decay"] == 0 for n, p in mae.named_parameters()
-             if any(p is q for q in g["params"])}  # fmt: skip
+    names = {
+        n
+        for g in mae.param_groups(0.05)
+        if g["weight_decay"] == 0
+        for n, p in mae.named_parameters()
+        if any(p is q for q in g["params"])
+    }
     assert {"backbone.vit.cls_token", "decoder.mask_token", "backbone.vit.blocks.0.norm1.weight"} <= names
     assert "backbone.vit.blocks.0.attn.qkv.weight" not in names
 

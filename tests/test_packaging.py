@@ -24,8 +24,11 @@ def test_wheel_ships_the_recipes_and_resolves_them_by_name(tmp_path):
         "print(load_recipe('mae_vit_l').model.name, 'quickstart' in list_recipes())"
     )
     out = subprocess.run(
-        [sys.executable, "-c", probe, str(target)], cwd=tmp_path, env={"PYTHONPATH": str(target)},
-        capture_output=True, text=True,
-    )  # fmt: skip
+        [sys.executable, "-c", probe, str(target)],
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(target)},
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["vit_large_patch16_224", "True"]

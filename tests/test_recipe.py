@@ -103,12 +103,14 @@ def test_derived_values_follow_world_size_and_batch():
 
 def test_recipe_by_path(tmp_path):
     path = tmp_path / "my_recipe.py"
-    path.write_text(
+    path.write_text(  # a variant replaces the section it changes: replace() is shallow, BASE.optim is shared
         "from dataclasses import replace\nfrom sslvit.recipes.quickstart import RECIPE as BASE\n"
-        "RECIPE = replace(BASE)\nRECIPE.optim.base_lr = 2e-4\n"
+        "RECIPE = replace(BASE, optim=replace(BASE.optim, base_lr=2e-4))\n"
     )
+    shipped = load_recipe("quickstart").optim.base_lr
     recipe = load_recipe(str(path))
     assert (recipe.name, recipe.optim.base_lr) == ("my_recipe", 2e-4)
+    assert load_recipe("quickstart").optim.base_lr == shipped != 2e-4  # the shipped recipe is left as it was
     with pytest.raises(RecipeError, match="unknown recipe 'nope'"):
         load_recipe("nope")
 

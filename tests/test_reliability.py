@@ -22,11 +22,25 @@ STEPS = 10
 
 def _command(recipe: str, out: Path, *extra: str) -> list[str]:
     return [
-        sys.executable, str(ROOT / "pretrain.py"), "--recipe", recipe, "--output-dir", str(out), "--set", *TINY_MODEL,
-        "data.num_workers=2", "train.global_batch_size=32", "train.batch_size_per_device=16", "train.precision=no",
-        f"train.max_steps={STEPS}", "train.checkpoint_every=1", "train.keep_checkpoints=2", "log.every=1",
-        "log.image_every=0", *extra,
-    ]  # fmt: skip
+        sys.executable,
+        str(ROOT / "pretrain.py"),
+        "--recipe",
+        recipe,
+        "--output-dir",
+        str(out),
+        "--set",
+        *TINY_MODEL,
+        "data.num_workers=2",
+        "train.global_batch_size=32",
+        "train.batch_size_per_device=16",
+        "train.precision=no",
+        f"train.max_steps={STEPS}",
+        "train.checkpoint_every=1",
+        "train.keep_checkpoints=2",
+        "log.every=1",
+        "log.image_every=0",
+        *extra,
+    ]
 
 
 def _kill_at_random_step(cmd: list[str], out: Path, rng: random.Random) -> int:
@@ -92,8 +106,9 @@ def test_non_finite_steps_are_skipped_counted_and_leave_the_weights_alone(tmp_pa
     from tests.conftest import tiny_recipe
 
     _inject_nan(monkeypatch, {1, 2})
-    recipe = tiny_recipe("quickstart", "train.max_steps=4", "train.checkpoint_every=1", "train.keep_checkpoints=10",
-                         "log.image_every=0")  # fmt: skip
+    recipe = tiny_recipe(
+        "quickstart", "train.max_steps=4", "train.checkpoint_every=1", "train.keep_checkpoints=10", "log.image_every=0"
+    )
     summary = pretrain(recipe, tmp_path)
     assert summary["steps"] == 4
     weights = [load_file(str(c / "model.safetensors")) for c in complete_checkpoints(tmp_path / "checkpoints")]
@@ -110,8 +125,9 @@ def test_too_many_bad_steps_in_a_row_stop_the_run_with_remedies(tmp_path, monkey
     from tests.conftest import tiny_recipe
 
     _inject_nan(monkeypatch, set(range(1, 100)))
-    recipe = tiny_recipe("quickstart", "train.max_steps=10", "train.checkpoint_every=1", "train.max_bad_steps=3",
-                         "log.image_every=0")  # fmt: skip
+    recipe = tiny_recipe(
+        "quickstart", "train.max_steps=10", "train.checkpoint_every=1", "train.max_bad_steps=3", "log.image_every=0"
+    )
     with pytest.raises(TrainingDiverged) as err:
         pretrain(recipe, tmp_path)
     message = str(err.value)
@@ -167,8 +183,13 @@ sys.exit(pretrain_main())
 
 def test_a_kill_inside_a_save_leaves_the_previous_checkpoint_and_resume_uses_it(tmp_path):
     cmd = _command("quickstart", tmp_path, "objective.decoder_depth=1")
-    proc = subprocess.Popen([sys.executable, "-c", KILL_IN_SAVE, *cmd[2:]], stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True, start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILL_IN_SAVE, *cmd[2:]],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
+    )
     assert proc.stdout.readline().strip() == "SAVING"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -225,8 +246,15 @@ def test_corrupt_images_are_skipped_counted_and_logged_during_pretraining(tmp_pa
     (folder / "truncated.png").write_bytes(buffer.getvalue()[:60])
     (folder / "notes.txt").write_text("not an image")
     caplog.set_level("WARNING", logger="sslvit")
-    recipe = tiny_recipe("quickstart", f"data.path={folder}", "train.max_steps=2", "train.global_batch_size=16",
-                         "log.image_every=0", "schedule.epochs=1", "schedule.warmup_epochs=0")  # fmt: skip
+    recipe = tiny_recipe(
+        "quickstart",
+        f"data.path={folder}",
+        "train.max_steps=2",
+        "train.global_batch_size=16",
+        "log.image_every=0",
+        "schedule.epochs=1",
+        "schedule.warmup_epochs=0",
+    )
     assert pretrain(recipe, tmp_path / "run")["steps"] == 2  # 32 images = 2 steps, then the epoch ends
     events = EventAccumulator(str(tmp_path / "run" / "tensorboard")).Reload()
     assert [e.value for e in events.Scalars("data/skipped")] == [2]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import sys
 import time
@@ -53,11 +54,8 @@ def _parser(kind: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--limit-train", type=int, help="a class-balanced subset of this many training images")
     p.add_argument("--limit-test", type=int, help="a class-balanced subset of this many test images")
     p.add_argument("--img-size", type=int, help="evaluation resolution (default: the encoder's; pos-embed resampled)")
-    p.add_argument(
-        "--crop-pct",
-        type=float,
-        help="Resize to img_size / crop_pct, CenterCrop img_size (default: 1.0 up to 64 px, else 0.875)",
-    )
+    crop = "Resize to img_size / crop_pct, CenterCrop img_size (default: 1.0 up to 64 px, else 0.875)"
+    p.add_argument("--crop-pct", type=float, help=crop)
     p.add_argument("--batch-size", type=int, default=256, help="images per device")
     p.add_argument("--num-workers", type=int, default=-1, help="data loader workers (-1: min(8, cores))")
     p.add_argument("--json-out", help="where to write the JSON report")
@@ -65,7 +63,7 @@ def _parser(kind: str, description: str) -> argparse.ArgumentParser:
         p.add_argument("--cache-dir", help="feature cache (default: $SSLVIT_CACHE/features or ~/.cache/sslvit)")
         p.add_argument("--no-cache", action="store_true", help="extract features without reading or writing a cache")
         p.add_argument("--precision", choices=["no", "bf16", "fp16"], default="no", help="autocast for extraction")
-    return p  # fmt: skip
+    return p
 
 
 def _parse_model_args(items: list[str]) -> dict[str, Any]:
@@ -103,8 +101,9 @@ def _setup(args: argparse.Namespace, started: float) -> Setup:
     from sslvit.evaluation.load import load_encoder
     from sslvit.recipe import DataConfig
 
-    data_cfg = DataConfig(path=args.data, image_column=args.image_column, label_column=args.label_column,
-                          num_workers=args.num_workers)  # fmt: skip
+    data_cfg = DataConfig(
+        path=args.data, image_column=args.image_column, label_column=args.label_column, num_workers=args.num_workers
+    )
     train, test, test_split = open_labelled(data_cfg, args.train_split, args.test_split)
     encoder, identity = load_encoder(args.encoder, args.weights, args.img_size, _parse_model_args(args.model_args))
     crop_pct = args.crop_pct or default_crop_pct(identity["img_size"])
@@ -116,26 +115,37 @@ def _features(setup: Setup, args: argparse.Namespace, accelerator: Any) -> tuple
     from sslvit.evaluation.features import cached_features, default_cache_dir
 
     cache_dir = None if args.no_cache else Path(args.cache_dir or default_cache_dir())
-    common = {"crop_pct": setup.crop_pct, "batch_size": args.batch_size, "cfg": setup.data_cfg,
-              "accelerator": accelerator, "cache_dir": cache_dir}  # fmt: skip
-    train, train_info = cached_features(setup.encoder, setup.identity, setup.train, args.train_split,
-                                        limit=args.limit_train, **common)  # fmt: skip
-    test, test_info = cached_features(setup.encoder, setup.identity, setup.test, setup.test_split,
-                                      limit=args.limit_test, **common)  # fmt: skip
+    common = dict(crop_pct=setup.crop_pct, batch_size=args.batch_size, cfg=setup.data_cfg, cache_dir=cache_dir)
+    extract = functools.partial(cached_features, setup.encoder, setup.identity, accelerator=accelerator, **common)
+    train, train_info = extract(setup.train, args.train_split, limit=args.limit_train)
+    test, test_info = extract(setup.test, setup.test_split, limit=args.limit_test)
     return train, test, _data_report(setup, args, len(train), len(test), train_info, test_info)
 
 
 def _data_report(setup: Setup, args, n_train: int, n_test: int, train_info=None, test_info=None) -> dict[str, Any]:
-    out = {"path": args.data, "train": setup.train.description, "test": setup.test.description,
-           "num_classes": len(setup.train.class_names), "train_size": n_train, "test_size": n_test,
-           "limit_train": args.limit_train, "limit_test": args.limit_test, "img_size": setup.identity["img_size"],
-           "crop_pct": setup.crop_pct, "transform": f"Resize({round(setup.identity['img_size'] / setup.crop_pct)}, "
-           f"bicubic) + CenterCrop({setup.identity['img_size']}) + ImageNet normalisation"}  # fmt: skip
+    out = {
+        "path": args.data,
+        "train": setup.train.description,
+        "test": setup.test.description,
+        "num_classes": len(setup.train.class_names),
+        "train_size": n_train,
+        "test_size": n_test,
+        "limit_train": args.limit_train,
+        "limit_test": args.limit_test,
+        "img_size": setup.identity["img_size"],
+        "crop_pct": setup.crop_pct,
+        "transform": f"Resize({round(setup.identity['img_size'] / setup.crop_pct)}, "
+        f"bicubic) + CenterCrop({setup.identity['img_size']}) + ImageNet normalisation",
+    }
     if train_info:
         out["train_identity"], out["test_identity"] = train_info["data"], test_info["data"]
-        out["feature_cache"] = {"train": train_info["cache"], "test": test_info["cache"],
-                                "train_file": train_info["cache_file"], "test_file": test_info["cache_file"],
-                                "skipped_undecodable": train_info["skipped"] + test_info["skipped"]}  # fmt: skip
+        out["feature_cache"] = {
+            "train": train_info["cache"],
+            "test": test_info["cache"],
+            "train_file": train_info["cache_file"],
+            "test_file": test_info["cache_file"],
+            "skipped_undecodable": train_info["skipped"] + test_info["skipped"],
+        }
     return out
 
 
@@ -143,11 +153,20 @@ def _report(kind: str, setup: Setup, args, protocol: str, data: dict, hyper: dic
     import timm
     import torch
 
-    return {"kind": kind, "protocol": protocol, "encoder": setup.identity, "data": data, "hyperparameters": hyper,
-            "metrics": metrics, **extra, "wall_time_s": round(time.perf_counter() - setup.started, 2),
-            "world_size": _world_size(), "command": " ".join(sys.argv),
-            "created": datetime.datetime.now().isoformat(timespec="seconds"),
-            "versions": {"torch": torch.__version__, "timm": timm.__version__}}  # fmt: skip
+    return {
+        "kind": kind,
+        "protocol": protocol,
+        "encoder": setup.identity,
+        "data": data,
+        "hyperparameters": hyper,
+        "metrics": metrics,
+        **extra,
+        "wall_time_s": round(time.perf_counter() - setup.started, 2),
+        "world_size": _world_size(),
+        "command": " ".join(sys.argv),
+        "created": datetime.datetime.now().isoformat(timespec="seconds"),
+        "versions": {"torch": torch.__version__, "timm": timm.__version__},
+    }
 
 
 def _world_size() -> int:
@@ -172,8 +191,10 @@ def _write(report: dict[str, Any], args, rows: list[tuple[str, ...]], header: tu
     out.write_text(json.dumps(report, indent=2, default=str) + "\n")
     enc, data = report["encoder"], report["data"]
     print(f"{KINDS[report['kind']]} ({report['protocol']}) of {enc['path']} [sha256 {enc['sha256']}]")
-    print(f"data: {data['train_size']} train / {data['test_size']} test images, {data['num_classes']} classes, "
-          f"{data['img_size']} px ({data['path']})")  # fmt: skip
+    print(
+        f"data: {data['train_size']} train / {data['test_size']} test images, {data['num_classes']} classes, "
+        f"{data['img_size']} px ({data['path']})"
+    )
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
         print("  ".join(str(c).rjust(w) for c, w in zip(row, widths)))
@@ -201,16 +222,24 @@ def run_knn(argv: list[str] | None = None) -> int:
     setup = _setup(args, started)
     train, test, data = _features(setup, args, accelerator)
     if max(args.k) > len(train) or min(args.k) < 1:
-        raise UserError(f"--k {' '.join(map(str, args.k))}: each k must be between 1 and the {len(train)} training "
-                        "images")  # fmt: skip
+        raise UserError(
+            f"--k {' '.join(map(str, args.k))}: each k must be between 1 and the {len(train)} training images"
+        )
     if not accelerator.is_main_process:
         return 0
-    per_k = knn_classify(train.cls, train.labels, test.cls, test.labels, args.k, args.temperature,
-                         data["num_classes"])  # fmt: skip
+    per_k = knn_classify(train.cls, train.labels, test.cls, test.labels, args.k, args.temperature, data["num_classes"])
     headline = HEADLINE_K if HEADLINE_K in per_k else min(per_k)
-    hyper = {"k": sorted(per_k), "temperature": args.temperature, "feature": "cls (after the final norm)",
-             "normalize": "l2", "similarity": "cosine (faiss IndexFlatIP)", "vote": "sum of exp(sim / T) per class",
-             "headline_k": headline, "batch_size": args.batch_size, "precision": args.precision}  # fmt: skip
+    hyper = {
+        "k": sorted(per_k),
+        "temperature": args.temperature,
+        "feature": "cls (after the final norm)",
+        "normalize": "l2",
+        "similarity": "cosine (faiss IndexFlatIP)",
+        "vote": "sum of exp(sim / T) per class",
+        "headline_k": headline,
+        "batch_size": args.batch_size,
+        "precision": args.precision,
+    }
     metrics = {**per_k[headline], "per_k": {str(k): v for k, v in per_k.items()}}
     report = _report("knn", setup, args, "dino-knn", data, hyper, metrics)
     _write(report, args, [(k, f"{v['top1']:.2f}", f"{v['top5']:.2f}") for k, v in per_k.items()], ("k", "top1", "top5"))
@@ -229,8 +258,9 @@ def run_linear_probe(argv: list[str] | None = None) -> int:
     _add_set(p, "LinearConfig fields, e.g. lr_grid=0.1,1,10 n_last_blocks=1 avgpool_patch_tokens=true")
     args = p.parse_args(argv)
     started = time.perf_counter()
-    cfg = apply_overrides(LinearConfig(protocol=args.protocol, epochs=args.epochs, augment=args.augment),
-                          args.overrides)  # fmt: skip
+    cfg = apply_overrides(
+        LinearConfig(protocol=args.protocol, epochs=args.epochs, augment=args.augment), args.overrides
+    )
     cfg.validate()
     accelerator = _accelerator(args.precision)
     setup = _setup(args, started)
@@ -238,14 +268,19 @@ def run_linear_probe(argv: list[str] | None = None) -> int:
     result = _linear(setup, args, cfg, train, test, data, accelerator)
     if not accelerator.is_main_process:
         return 0
-    report = _report("linear_probe", setup, args, f"{cfg.protocol}-linear" + "-augment" * cfg.augment, data,
-                     result["hyperparameters"], result["metrics"], selection=result["selection"])  # fmt: skip
-    rows = [(g["base_lr"], f"{g['lr']:.4g}", f"{g['val_top1']:.2f}", f"{g['test_top1']:.2f}",
-             "<- chosen" if g["base_lr"] == result["selection"]["chosen_base_lr"] else "")
-            for g in result["selection"]["grid"]]  # fmt: skip
+    protocol = f"{cfg.protocol}-linear" + "-augment" * cfg.augment
+    hyper, metrics = result["hyperparameters"], result["metrics"]
+    report = _report("linear_probe", setup, args, protocol, data, hyper, metrics, selection=result["selection"])
+    rows = [_grid_row(g, result["selection"]["chosen_base_lr"]) for g in result["selection"]["grid"]]
     _write(report, args, rows, ("base_lr", "lr", "val_top1", "test_top1", ""))
     print(f"test top1 {result['metrics']['top1']:.2f}  top5 {result['metrics']['top5']:.2f} (lr picked on val)")
     return 0
+
+
+def _grid_row(g: dict[str, Any], chosen: float) -> tuple[Any, ...]:
+    """One line of the learning-rate grid: base lr, lr, val and test top-1, and a mark on the chosen one."""
+    mark = "<- chosen" if g["base_lr"] == chosen else ""
+    return g["base_lr"], f"{g['lr']:.4g}", f"{g['val_top1']:.2f}", f"{g['test_top1']:.2f}", mark
 
 
 def _linear(setup: Setup, args, cfg, train, test, data, accelerator) -> dict[str, Any]:
@@ -261,8 +296,8 @@ def _linear(setup: Setup, args, cfg, train, test, data, accelerator) -> dict[str
 
     def loader_for(indices):
         images = TransformedImages(setup.train, augment_transform(setup.identity["img_size"]))
-        return make_loader(Subset(images, indices.tolist()), args.batch_size, shuffle=True, drop_last=True,
-                           cfg=setup.data_cfg, seed=cfg.seed)  # fmt: skip
+        subset = Subset(images, indices.tolist())
+        return make_loader(subset, args.batch_size, shuffle=True, drop_last=True, cfg=setup.data_cfg, seed=cfg.seed)
 
     augmented = {"encoder": setup.encoder, "loader_for": loader_for, "accelerator": accelerator}
     return linear_probe(train, test, data["num_classes"], cfg, augmented, device=accelerator.device)
@@ -279,13 +314,20 @@ def run_finetune(argv: list[str] | None = None) -> int:
             print(f"{name:28s} {summary}")
         return 0
     p = _parser("finetune", "Fine-tune an encoder into a classifier with a recipe; run it again to resume.")
-    p.add_argument("--recipe", default=DEFAULT_RECIPE, help=f"a fine-tuning recipe name or .py file (default: "
-                   f"{DEFAULT_RECIPE}; finetune_deit_small_data for a few thousand images)")  # fmt: skip
+    p.add_argument(
+        "--recipe",
+        default=DEFAULT_RECIPE,
+        help=f"a fine-tuning recipe name or .py file (default: "
+        f"{DEFAULT_RECIPE}; finetune_deit_small_data for a few thousand images)",
+    )
     p.add_argument("--list-recipes", action="store_true", help="list the fine-tuning recipes and exit")
     p.set_defaults(batch_size=None)  # the recipe's batch_size_per_device unless --batch-size is given
     _add_set(p, "FinetuneConfig fields, e.g. epochs=50 layer_decay=0.75 base_lr=1e-3 accum_steps=2")
-    p.add_argument("--output-dir", help="checkpoints and the model (default: <run>/finetune for the default "
-                   "recipe, <run>/<recipe> for another, or ./<recipe>-<sha> outside a run)")  # fmt: skip
+    p.add_argument(
+        "--output-dir",
+        help="checkpoints and the model (default: <run>/finetune for the default "
+        "recipe, <run>/<recipe> for another, or ./<recipe>-<sha> outside a run)",
+    )
     args = p.parse_args(argv)
     started = time.perf_counter()
     recipe, cfg = load_finetune_recipe(args.recipe)
@@ -300,19 +342,31 @@ def run_finetune(argv: list[str] | None = None) -> int:
     out_dir = Path(args.output_dir) if args.output_dir else default_dir
     train_idx = balanced_subset(setup.train.labels, args.limit_train)
     test_idx = balanced_subset(setup.test.labels, args.limit_test)
-    result = finetune(setup.encoder, setup.identity, setup.train, setup.test, cfg, out_dir=out_dir,
-                      data_cfg=setup.data_cfg, train_indices=train_idx, test_indices=test_idx,
-                      crop_pct=setup.crop_pct)  # fmt: skip
+    result = finetune(
+        setup.encoder,
+        setup.identity,
+        setup.train,
+        setup.test,
+        cfg,
+        out_dir=out_dir,
+        data_cfg=setup.data_cfg,
+        train_indices=train_idx,
+        test_indices=test_idx,
+        crop_pct=setup.crop_pct,
+    )
     if not _is_main_process():
         return 0
     extra = {k: result[k] for k in ("history", "model_dir", "resumed_from_epoch")}
-    report = _report("finetune", setup, args, recipe, _data_report(setup, args, len(train_idx), len(test_idx)),
-                     {"recipe": recipe, **result["hyperparameters"]}, result["metrics"], **extra)  # fmt: skip
+    data = _data_report(setup, args, len(train_idx), len(test_idx))
+    hyper = {"recipe": recipe, **result["hyperparameters"]}
+    report = _report("finetune", setup, args, recipe, data, hyper, result["metrics"], **extra)
     rows = [(h["epoch"], f"{h['loss']:.4f}", f"{h['top1']:.2f}", f"{h['top5']:.2f}") for h in result["history"]]
     _write(report, args, rows, ("epoch", "loss", "top1", "top5"))
     m = result["metrics"]
-    print(f"last top1 {m['top1']:.2f}, best top1 {m['best_top1']:.2f} (epoch {m['best_epoch']}); "
-          f"model: timm.create_model('local-dir:{result['model_dir']}', pretrained=True)")  # fmt: skip
+    print(
+        f"last top1 {m['top1']:.2f}, best top1 {m['best_top1']:.2f} (epoch {m['best_epoch']}); "
+        f"model: timm.create_model('local-dir:{result['model_dir']}', pretrained=True)"
+    )
     return 0
 
 
@@ -324,8 +378,9 @@ def _wants_recipe_list(argv: list[str] | None) -> bool:
 
 
 def _add_set(parser: argparse.ArgumentParser, help: str) -> None:
-    parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                        help=help)  # fmt: skip
+    parser.add_argument(
+        "--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE", help=help
+    )
 
 
 def _is_main_process() -> bool:
