@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -15,6 +16,17 @@ from sslvit.recipe import Recipe, apply_overrides, load_recipe
 SHARED_CIFAR10 = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
 
 TINY_MODEL = ["model.depth=2", "model.embed_dim=64", "model.num_heads=2", "model.img_size=32", "model.patch_size=4"]
+
+
+def flags(**options: Any) -> list[str]:
+    """Command-line flags: ``flags(limit_train=200, k=[10, 20], no_cache=True)`` ->
+    ``["--limit-train", "200", "--k", "10", "20", "--no-cache"]``."""
+    out = []
+    for key, value in options.items():
+        out.append("--" + key.replace("_", "-"))
+        if value is not True:
+            out += [str(v) for v in value] if isinstance(value, list | tuple) else [str(value)]
+    return out
 
 
 def tiny_recipe(name: str = "quickstart", *overrides: str) -> Recipe:

@@ -22,6 +22,7 @@ from sslvit.evaluation.attention import (
     run_attention_distance,
 )
 from sslvit.viz import attention_weights
+from tests.conftest import flags
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -125,20 +126,7 @@ def test_cli_writes_json_plots_and_tensorboard_into_the_run_folder(tmp_path, cap
     run.mkdir()
     (run / "config.json").write_text("{}")
     export_encoder(timm.create_model("vit_tiny_patch16_224", **TINY), "vit_tiny_patch16_224", TINY, run / "encoder")
-    argv = [
-        "--encoder",
-        str(run),
-        "--data",
-        "digits",
-        "--num-images",
-        "10",
-        "--num-maps",
-        "3",
-        "--batch-size",
-        "4",
-        "--num-workers",
-        "0",
-    ]
+    argv = flags(encoder=run, data="digits", num_images=10, num_maps=3, batch_size=4, num_workers=0)
     assert main(["attention-distance", *argv]) == 0
 
     report = json.loads((run / "eval" / "attention_distance.json").read_text())

@@ -24,7 +24,7 @@ from sslvit.objectives.mae import MAEConfig
 from sslvit.recipe import DataConfig, ModelConfig
 from sslvit.train import pretrain
 from sslvit.weights import resolve
-from tests.conftest import crops_batch, tiny_recipe
+from tests.conftest import crops_batch, flags, tiny_recipe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -157,46 +157,15 @@ def test_quickstart_dino_with_a_cnn_name_pretrains_exports_and_evaluates(tmp_pat
     _, larger = load_encoder(str(run / "encoder"), img_size=48)  # a CNN takes any size as it is
     assert (larger["img_size"], larger["pretrain_img_size"]) == (48, 32)
 
-    argv = [
-        "--encoder",
-        str(run),
-        "--data",
-        "digits",
-        "--limit-train",
-        "200",
-        "--limit-test",
-        "50",
-        "--num-workers",
-        "0",
-        "--k",
-        "10",
-        "--no-cache",
-    ]
+    argv = flags(encoder=run, data="digits", limit_train=200, limit_test=50, num_workers=0, k=10, no_cache=True)
     assert guarded(run_knn, argv) == 0
     report = json.loads((run / "eval" / "knn.json").read_text())
     assert report["encoder"]["architecture"] == "convnext_atto" and report["metrics"]["top1"] > 10
 
     # fine-tuning: only the CNN's classifier (head.fc) is new; its head.norm comes from the encoder
     out = tmp_path / "ft.json"
-    argv = [
-        "--encoder",
-        str(run),
-        "--data",
-        "digits",
-        "--limit-train",
-        "40",
-        "--limit-test",
-        "20",
-        "--batch-size",
-        "8",
-        "--num-workers",
-        "0",
-        "--json-out",
-        str(out),
-        "--set",
-        "epochs=1",
-        "warmup_epochs=0",
-    ]
+    sizes = {"limit_train": 40, "limit_test": 20, "batch_size": 8, "num_workers": 0}
+    argv = flags(encoder=run, data="digits", json_out=out, set=["epochs=1", "warmup_epochs=0"], **sizes)
     assert guarded(run_finetune, argv) == 0
     model = timm.create_model(f"local-dir:{json.loads(out.read_text())['model_dir']}", pretrained=True).eval()
     assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)

@@ -18,6 +18,7 @@ from sslvit.checkpoint import export_encoder
 from sslvit.cli import guarded
 from sslvit.evaluation import features
 from sslvit.evaluation.cli import run_knn, run_linear_probe
+from tests.conftest import flags
 
 ROOT = Path(__file__).parents[1]
 MODEL_ARGS = ["img_size=32", "patch_size=8", "depth=2", "embed_dim=32", "num_heads=2"]
@@ -72,17 +73,7 @@ def test_linear_probe_augment_mode_trains_through_the_encoder(tmp_path):
     argv = [
         *RANDOM_TINY,
         *DIGITS,
-        "--cache-dir",
-        str(tmp_path),
-        "--json-out",
-        str(out),
-        "--epochs",
-        "2",
-        "--augment",
-        "--batch-size",
-        "64",
-        "--set",
-        "lr_grid=10",
+        *flags(cache_dir=str(tmp_path), json_out=str(out), epochs=2, augment=True, batch_size=64, set="lr_grid=10"),
     ]
     assert guarded(run_linear_probe, argv) == 0
     report = json.loads(out.read_text())
@@ -111,19 +102,9 @@ def test_knn_on_cifar10_parquet(tmp_path, cifar10):
     out = tmp_path / "knn.json"
     argv = [
         *RANDOM_TINY,
-        "--data",
-        str(cifar10),
-        "--limit-train",
-        "200",
-        "--limit-test",
-        "50",
-        "--num-workers",
-        "0",
-        "--k",
-        "10",
-        "--no-cache",
-        "--json-out",
-        str(out),
+        *flags(
+            data=str(cifar10), limit_train=200, limit_test=50, num_workers=0, k=10, no_cache=True, json_out=str(out)
+        ),
     ]
     assert guarded(run_knn, argv) == 0
     report = json.loads(out.read_text())
@@ -135,20 +116,7 @@ def test_two_processes_give_the_same_features_without_duplicates(tmp_path):
     # odd sizes: the last batch of each process is padded, and gather_for_metrics must drop exactly the padding
     argv = [
         *RANDOM_TINY,
-        "--data",
-        "digits",
-        "--limit-train",
-        "301",
-        "--limit-test",
-        "97",
-        "--batch-size",
-        "32",
-        "--num-workers",
-        "0",
-        "--no-cache",
-        "--k",
-        "10",
-        "20",
+        *flags(data="digits", limit_train=301, limit_test=97, batch_size=32, num_workers=0, no_cache=True, k=[10, 20]),
     ]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}  # Accelerate needs it for gloo on CPU
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(ROOT / "eval/knn.py")]

@@ -32,9 +32,11 @@ from sslvit.evaluation.finetune import (
 )
 from sslvit.evaluation.load import load_encoder
 from sslvit.recipe import DataConfig, list_recipes
+from tests.conftest import flags
 
 ROOT = Path(__file__).resolve().parents[1]
 
+DIGITS = {"data": "digits", "limit_test": 40, "batch_size": 16, "num_workers": 0}  # small, quick evaluations
 ARGS = {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 32, "num_heads": 2, "num_classes": 0}
 
 
@@ -84,24 +86,7 @@ def test_mixup_needs_an_even_batch():
 
 def test_tiny_finetune_exports_a_timm_model_and_resumes(encoder_dir, tmp_path):
     out = tmp_path / "ft.json"
-    argv = [
-        "--encoder",
-        str(encoder_dir),
-        "--data",
-        "digits",
-        "--limit-train",
-        "64",
-        "--limit-test",
-        "40",
-        "--batch-size",
-        "16",
-        "--num-workers",
-        "0",
-        "--json-out",
-        str(out),
-        "--set",
-        "warmup_epochs=0",
-    ]
+    argv = flags(encoder=encoder_dir, limit_train=64, json_out=out, set="warmup_epochs=0", **DIGITS)
     assert guarded(run_finetune, [*argv, "epochs=1"]) == 0
     report = json.loads(out.read_text())
     assert report["resumed_from_epoch"] == 0 and len(report["history"]) == 1
@@ -219,28 +204,10 @@ def test_finetune_list_recipes_needs_no_encoder(capsys):
 
 def test_deit_small_data_runs_end_to_end_with_every_augmentation_on(encoder_dir, tmp_path):
     out = tmp_path / "ft.json"
-    argv = [
-        "--encoder",
-        str(encoder_dir),
-        "--data",
-        "digits",
-        "--limit-train",
-        "96",
-        "--limit-test",
-        "40",
-        "--batch-size",
-        "16",
-        "--num-workers",
-        "0",
-        "--json-out",
-        str(out),
-        "--recipe",
-        "finetune_deit_small_data",
-        "--set",
-        "epochs=2",
-        "warmup_epochs=1",
-        "min_warmup_steps=4",
-    ]
+    sets = ["epochs=2", "warmup_epochs=1", "min_warmup_steps=4"]
+    argv = flags(
+        encoder=encoder_dir, limit_train=96, json_out=out, recipe="finetune_deit_small_data", set=sets, **DIGITS
+    )
     assert guarded(run_finetune, argv) == 0
     report = json.loads(out.read_text())
     hyper = report["hyperparameters"]
