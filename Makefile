@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint format clean bench bench-gpu
+.PHONY: install demo test lint format clean bench bench-gpu bench-quality
 
 install: $(STAMP)
 
@@ -26,6 +26,14 @@ bench: $(STAMP)
 	$(PY) benchmarks/throughput.py --suite cpu
 	$(PY) benchmarks/pretrain_e2e.py --suite cpu
 	$(PY) benchmarks/eval_speed.py --suite cpu
+
+# Quality per compute (BENCHMARKS.md): each recipe pretrained for a wall-clock budget, then k-NN and linear probe
+# against its random init. About 40 minutes on 2 cores; needs ../shared/data/cifar10. Run it on a quiet machine.
+bench-quality: $(STAMP)
+	$(PY) benchmarks/quality.py --recipe quickstart --data digits --steps 660 --json-out runs/quality/quality.jsonl
+	$(PY) benchmarks/quality.py --recipe quickstart_dino --data digits --minutes 2 --json-out runs/quality/quality.jsonl
+	$(PY) benchmarks/quality.py --recipe mae_vit_tiny_cifar --data cifar10 --minutes 15 --json-out runs/quality/quality.jsonl
+	$(PY) benchmarks/quality.py --recipe dino_vit_tiny_cifar --data cifar10 --minutes 15 --json-out runs/quality/quality.jsonl
 
 # GPU set: run on a machine with a CUDA device (say which card in BENCHMARKS.md).
 bench-gpu: $(STAMP)

@@ -62,10 +62,17 @@ def run_pretrain(argv: list[str] | None = None) -> int:
     from sslvit.train import pretrain
 
     run_dir = Path(args.output_dir or Path("runs") / recipe.name)
-    summary = pretrain(recipe, run_dir)
+    summary = pretrain(recipe, run_dir, started=_process_start())
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(summary, indent=2))
     return 0
+
+
+def _process_start() -> float:
+    """When this process started (``time.time()`` clock): a time budget counts the imports too."""
+    import psutil  # an accelerate dependency
+
+    return psutil.Process().create_time()
 
 
 def _count(recipe) -> int | None:

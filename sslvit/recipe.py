@@ -143,6 +143,7 @@ class TrainConfig:
     batch_size_per_device: int = 64
     precision: Literal["no", "fp16", "bf16"] = "bf16"
     max_steps: int = 0  # > 0: train this many optimisation steps, schedules compressed to fit (quick runs)
+    budget_minutes: float = 0.0  # > 0: as many steps as fit in this wall time, startup included (decided at start)
     checkpoint_every: int = 1000
     keep_checkpoints: int = 3
     max_bad_steps: int = 20  # stop after this many non-finite steps in a row (each is skipped)
@@ -152,6 +153,12 @@ class TrainConfig:
         _check(self.batch_size_per_device > 0, "train.batch_size_per_device must be positive")
         _check(self.global_batch_size >= 0, "train.global_batch_size must be >= 0 (0 = no accumulation)")
         _check(self.max_steps >= 0, "train.max_steps must be >= 0 (0 = the whole schedule)")
+        _check(self.budget_minutes >= 0, "train.budget_minutes must be >= 0 (0 = no time budget)")
+        _check(
+            not (self.max_steps and self.budget_minutes),
+            f"train.max_steps={self.max_steps} and train.budget_minutes={self.budget_minutes} both fix the length of "
+            "the run: set only one of them (the other to 0)",
+        )
         _check(self.checkpoint_every > 0, "train.checkpoint_every must be positive")
         _check(self.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1")
         _check(self.max_bad_steps >= 1, "train.max_bad_steps must be >= 1")
@@ -379,13 +386,15 @@ class Derived:
     epochs: int
 
 
-def derive(recipe: Recipe, world_size: int, num_samples: int | None) -> Derived:
+def derive(recipe: Recipe, world_size: int, num_samples: int | None, budget_steps: int | None = None) -> Derived:
     """Compute global batch, accumulation, absolute lr and step counts.
 
     Args:
         recipe: the resolved recipe.
         world_size: number of training processes.
         num_samples: images per epoch, or None when unknown (streaming data, or not yet counted).
+        budget_steps: with ``train.budget_minutes``, the total the loop chose at start (None: not yet decided,
+            and ``total_steps`` / ``warmup_steps`` are None).
 
     Raises:
         RecipeError: the global batch cannot be split evenly over the processes.
@@ -403,8 +412,11 @@ def derive(recipe: Recipe, world_size: int, num_samples: int | None) -> Derived:
                 "for no gradient accumulation)"
             )
     steps_per_epoch = None if num_samples is None else num_samples // global_batch
-    total = recipe.train.max_steps or (steps_per_epoch * recipe.schedule.epochs if steps_per_epoch else None)
-    # With train.max_steps the whole schedule (warmup included) is compressed into max_steps.
+    if recipe.train.budget_minutes:
+        total = budget_steps
+    else:
+        total = recipe.train.max_steps or (steps_per_epoch * recipe.schedule.epochs if steps_per_epoch else None)
+    # With train.max_steps (or a budget) the whole schedule (warmup included) is compressed into that many steps.
     warmup = None if total is None else round(total * recipe.schedule.warmup_epochs / recipe.schedule.epochs)
     return Derived(
         world_size=world_size,
@@ -425,4 +437,7 @@ def resolved_json(recipe: Recipe, derived: Derived | None = None) -> str:
     tree = recipe.to_dict()
     if derived is not None:
         tree["derived"] = dataclasses.asdict(derived)
+        if recipe.train.budget_minutes and derived.total_steps is None:
+            for key in ("total_steps", "warmup_steps"):
+                tree["derived"][key] = "decided at start: as many steps as fit in train.budget_minutes"
     return json.dumps(tree, indent=2)

@@ -13,6 +13,7 @@ import itertools
 import json
 import logging
 import math
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -25,12 +26,13 @@ from accelerate import Accelerator
 from accelerate.utils import (
     DataLoaderConfiguration,
     ProjectConfiguration,
+    broadcast_object_list,
     send_to_device,
     set_seed,
 )
 from tqdm.auto import tqdm
 
-from sslvit import data
+from sslvit import budget, data
 from sslvit.accel import launched_world_size, make_accelerator
 from sslvit.backbone import build_backbone, model_args, set_fused_attention
 from sslvit.cache import maybe_decoded
@@ -45,25 +47,37 @@ log = logging.getLogger("sslvit")
 STREAM_SHUFFLE_BUFFER = 10_000  # images held for shuffling a streamed dataset (the usual webdataset-style size)
 
 
-def warmup_cosine(step: int, total: int, warmup: int, base: float, final: float, start: float = 0.0) -> float:
+def warmup_cosine(
+    step: int, total: int, warmup: int, base: float, final: float, start: float = 0.0, inclusive: bool = False
+) -> float:
     """Linear warmup from ``start`` to ``base`` over ``warmup`` steps, then a half-cycle cosine to ``final``.
 
-    The per-iteration schedule of facebookresearch/mae (util/lr_sched.py) and dino (utils.cosine_scheduler).
-    lightly's ``cosine_warmup_schedule`` is close but starts warmup at ``(step + 1) / warmup`` and ends the
-    cosine one step early, so it is not used here.
+    The per-iteration schedules of facebookresearch/mae (util/lr_sched.py: ``base * step / warmup``, the base rate
+    at step ``warmup``) and, with ``inclusive``, of facebookresearch/dino (utils.cosine_scheduler: the warmup is
+    ``np.linspace(start, base, warmup)``, the base rate at step ``warmup - 1``). Both then run the cosine over
+    steps ``warmup .. total - 1`` as ``(step - warmup) / (total - warmup)``. lightly's ``cosine_warmup_schedule``
+    starts warmup at ``(step + 1) / warmup`` and ends the cosine one step early, so it is not used here.
     """
     if step < warmup:
+        if inclusive:
+            return start if warmup == 1 else start + (base - start) * step / (warmup - 1)
         return start + (base - start) * step / warmup
     progress = (step - warmup) / max(total - warmup, 1)
     return final + (base - final) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def pretrain(recipe: Recipe, run_dir: Path) -> dict[str, Any]:
+def pretrain(recipe: Recipe, run_dir: Path, started: float | None = None) -> dict[str, Any]:
     """Pretrain ``recipe`` into ``run_dir``; resume from its newest checkpoint if there is one.
 
+    Args:
+        started: when the run began (``time.time()``), for ``train.budget_minutes``: the command line passes the
+            process's start, so that imports count against the budget too. None = now.
+
     Returns:
-        A summary: steps, images/s, final loss, the run folder and the export folder.
+        A summary: steps, images/s, final loss, the run folder and the export folder, ``timing`` (seconds of
+        startup, training and the final export) and, with a budget, the ``budget`` plan.
     """
+    started = time.time() if started is None else started
     recipe.validate()
     derive(recipe, launched_world_size(), None)  # a batch that does not split over the processes fails before any work
     accelerator = make_accelerator(
@@ -107,14 +121,71 @@ def pretrain(recipe: Recipe, run_dir: Path) -> dict[str, Any]:
             log.info(line)
     vis_batch = _fixed_batch(dataset, recipe.log.num_images, accelerator.device, recipe.data.streaming)
     monitor = _knn_monitor(recipe, accelerator)
+    if recipe.train.budget_minutes:
+        plan = _budget_plan(accelerator, model, optimizer, loader, recipe, derived, resumed, started, monitor)
+        resumed["budget"] = plan.to_dict()  # stored in every checkpoint: a resumed run keeps this total
+        derived = derive(recipe, accelerator.num_processes, num_samples, plan.total_steps)
+        if accelerator.is_main_process:
+            (run_dir / "config.json").write_text(resolved_json(recipe, derived) + "\n")
+    training_began = time.time()
     summary = _train_loop(accelerator, model, optimizer, loader, recipe, derived, run_dir, resumed, vis_batch, monitor)
+    training_ended = time.time()
     unwrapped: Objective = accelerator.unwrap_model(model)
     if accelerator.is_main_process:
         info = _encoder_info(unwrapped, recipe)
         export_encoder(unwrapped.encoder_for_export(), info["architecture"], info["model_args"], run_dir / "encoder")
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return {**summary, "run_dir": str(run_dir), "encoder": str(run_dir / "encoder")}
+    timing = {"startup_s": training_began - started, "train_s": training_ended - training_began,
+              "export_s": time.time() - training_ended, "total_s": time.time() - started}  # fmt: skip
+    extra = {"budget": resumed["budget"]} if "budget" in resumed else {}
+    return {**summary, "run_dir": str(run_dir), "encoder": str(run_dir / "encoder"), "timing": timing, **extra}
+
+
+def _budget_plan(
+    accelerator, model, optimizer, loader, recipe, derived, resumed, started, monitor
+) -> budget.BudgetPlan:
+    """The total steps for ``train.budget_minutes``: the checkpoint's when resuming, else measured now.
+
+    Every process runs the probe (its steps hold collectives); the main process's decision is broadcast.
+    """
+    if resumed["step"] and "budget" not in resumed:
+        raise RecipeError(
+            "train.budget_minutes: this run folder holds a run started without a time budget, so its "
+            "schedule is fixed already; resume it without train.budget_minutes (or use a new --output-dir)"
+        )
+    if "budget" in resumed:
+        plan = budget.BudgetPlan(**resumed["budget"])
+        if accelerator.is_main_process:
+            log.info("train.budget_minutes: keeping the total chosen at the start of this run, %d steps (%s)",
+                     plan.total_steps, budget.describe(plan))  # fmt: skip
+        return plan
+    provisional = replace(derived, total_steps=1 << 30, warmup_steps=1 << 29)  # any schedule: the probe is undone
+    objective: Objective = accelerator.unwrap_model(model)
+    spe = derived.steps_per_epoch or provisional.total_steps
+    accum = derived.grad_accum_steps
+    batches = _micro_batches(accelerator, loader, recipe.data.streaming, 0, 0, spe * accum)
+
+    def step(i: int) -> None:
+        optimisation_step(accelerator, model, optimizer, batches, recipe, provisional, i, Counter())
+
+    def sync() -> None:
+        if accelerator.device.type == "cuda":
+            torch.cuda.synchronize(accelerator.device)
+
+    def knn() -> None:
+        monitor(objective.encoder_for_export(), 0, log_it=False)
+
+    plan = budget.plan_budget(
+        recipe.train.budget_minutes, started, step,
+        lambda: budget.training_restore_point(objective, optimizer, accelerator.scaler), sync,
+        knn if monitor is not None else None, recipe.eval.knn_every,
+    )  # fmt: skip
+    if accelerator.num_processes > 1:
+        plan = broadcast_object_list([plan], from_process=0)[0]
+    if accelerator.is_main_process:
+        log.info(budget.describe(plan))
+    return plan
 
 
 def build_objective(recipe: Recipe) -> tuple[Objective, torch.nn.Module]:
@@ -130,8 +201,8 @@ def _open_data(recipe: Recipe, objective: Objective, accelerator: Accelerator) -
         source = maybe_decoded(data.open_source(recipe.data), recipe.data.decode_cache_mb)
         dataset = data.TransformedImages(source, objective.views(), seed=recipe.train.seed)
         return dataset, dataset.source.description, len(dataset)
-    if not recipe.train.max_steps:
-        raise RecipeError("data.streaming=true gives no epoch length: set train.max_steps as well")
+    if not (recipe.train.max_steps or recipe.train.budget_minutes):
+        raise RecipeError("data.streaming=true gives no epoch length: set train.max_steps or train.budget_minutes")
     stream = data.open_stream(
         recipe.data, None, objective.views(), accelerator.process_index, accelerator.num_processes,
         shuffle_buffer=STREAM_SHUFFLE_BUFFER, seed=recipe.train.seed,
@@ -153,12 +224,16 @@ def _start_run_folder(accelerator: Accelerator, recipe: Recipe, derived: Derived
             log.warning("this run folder was started with a different recipe; sections changed: %s", changed)
     config_file.write_text(text + "\n")
     log.info("data: %s", data_desc)
+    steps = (
+        f"{derived.total_steps} steps in all ({derived.warmup_steps} warmup)"
+        if derived.total_steps is not None
+        else f"the total number of steps is decided at start (train.budget_minutes={recipe.train.budget_minutes:g})"
+    )
     log.info(
         "%d process(es) x %d images x %d accumulation = global batch %d; lr %.3g (base_lr %.3g x %d / 256); "
-        "%d steps/epoch, %d steps in all (%d warmup)",
+        "%s steps/epoch, %s",
         derived.world_size, derived.batch_size_per_device, derived.grad_accum_steps, derived.global_batch_size,
-        derived.lr, recipe.optim.base_lr, derived.global_batch_size, derived.steps_per_epoch, derived.total_steps,
-        derived.warmup_steps,
+        derived.lr, recipe.optim.base_lr, derived.global_batch_size, derived.steps_per_epoch, steps,
     )  # fmt: skip
 
 
@@ -216,11 +291,15 @@ def prefer_math_attention(model: torch.nn.Module, device: torch.device, precisio
         set_fused_attention(model, False)
 
 
-def _apply_schedules(optimizer: torch.optim.Optimizer, recipe: Recipe, derived: Derived, step: int) -> dict[str, float]:
-    """Set this step's learning rate and weight decay on every parameter group; return them for logging."""
-    lr = warmup_cosine(
-        step, derived.total_steps, derived.warmup_steps, derived.lr, recipe.optim.min_lr, recipe.optim.warmup_start_lr
-    )
+def _apply_schedules(
+    optimizer: torch.optim.Optimizer, recipe: Recipe, derived: Derived, step: int, inclusive_warmup: bool = False
+) -> dict[str, float]:
+    """Set this step's learning rate and weight decay on every parameter group; return them for logging.
+
+    ``inclusive_warmup``: the objective's warmup convention (:attr:`Objective.warmup_reaches_base_at_last_step`).
+    """
+    lr = warmup_cosine(step, derived.total_steps, derived.warmup_steps, derived.lr, recipe.optim.min_lr,
+                       recipe.optim.warmup_start_lr, inclusive_warmup)  # fmt: skip
     wd = recipe.optim.weight_decay
     if recipe.optim.weight_decay_end is not None:
         wd = warmup_cosine(step, derived.total_steps, 0, wd, recipe.optim.weight_decay_end)
@@ -262,10 +341,11 @@ def _train_loop(accelerator, model, optimizer, loader, recipe, derived, run_dir,
             window.last.update(monitor(objective.encoder_for_export(), step))
         if step % recipe.train.checkpoint_every == 0 or step == total:
             state = {"step": step, "epoch": epoch, "recipe": recipe.name, "world_size": accelerator.num_processes,
-                     "last_log": window.last, "init": resumed["init"], **encoder_info}  # fmt: skip
+                     "last_log": window.last, "init": resumed["init"], **encoder_info,
+                     **{k: resumed[k] for k in ("budget",) if k in resumed}}  # fmt: skip
             save_checkpoint(accelerator, run_dir / "checkpoints", step, recipe.train.keep_checkpoints, state)
     _report_skipped(accelerator, skipped, epoch, step)
-    return window.close(step - first_step)
+    return window.close(step, step - first_step)
 
 
 def _knn_monitor(recipe: Recipe, accelerator: Accelerator) -> Callable | None:
@@ -279,8 +359,10 @@ def _knn_monitor(recipe: Recipe, accelerator: Accelerator) -> Callable | None:
     train, test, _ = open_labelled(cfg, recipe.eval.train_split, recipe.eval.test_split or None)
     limits = {"limit_train": recipe.eval.limit_train, "limit_test": recipe.eval.limit_test}
 
-    def run(encoder: torch.nn.Module, step: int) -> dict[str, float]:
+    def run(encoder: torch.nn.Module, step: int, log_it: bool = True) -> dict[str, float]:
         result = knn_eval(encoder, train, test, ks=(recipe.eval.k,), accelerator=accelerator, data_cfg=cfg, **limits)
+        if not log_it:  # timed by the budget probe
+            return {}
         accelerator.log({"knn/top1": result["top1"], "knn/top5": result["top5"]}, step=step)
         if accelerator.is_main_process:
             log.info("step %d: k-NN (k=%d) top1 %.2f%%, top5 %.2f%%", step, result["k"], result["top1"], result["top5"])
@@ -298,7 +380,7 @@ def optimisation_step(accelerator, model, optimizer, batches, recipe, derived, s
     """
     objective: Objective = accelerator.unwrap_model(model)
     progress = Progress(step, derived.total_steps, recipe.schedule.epochs)
-    scheduled = _apply_schedules(optimizer, recipe, derived, step)
+    scheduled = _apply_schedules(optimizer, recipe, derived, step, objective.warmup_reaches_base_at_last_step)
     objective.before_step(progress)
     epoch, out, grad_norm, finite = _train_step(accelerator, model, optimizer, batches, derived.grad_accum_steps,
                                                 progress, recipe.optim.clip_grad, skipped)  # fmt: skip
@@ -381,7 +463,10 @@ class _Window:
     def __init__(self, accelerator: Accelerator, recipe: Recipe, derived: Derived, step: int, last: dict) -> None:
         self.accelerator, self.every, self.total = accelerator, recipe.log.every, derived.total_steps
         self.global_batch = derived.global_batch_size
-        self.bar = tqdm(total=self.total, initial=step, disable=not accelerator.is_local_main_process, desc="pretrain")
+        # the bar redraws in place: on a terminal only; a log file gets one line every log.every steps instead
+        self.lines = accelerator.is_local_main_process and not sys.stderr.isatty()
+        self.bar = tqdm(total=self.total, initial=step, disable=not accelerator.is_local_main_process or self.lines,
+                        desc="pretrain")  # fmt: skip
         self.sums: dict[str, torch.Tensor] = {}
         self.steps, self.bad, self.last = 0, 0, last
         self.started = self.since = time.perf_counter()
@@ -410,13 +495,17 @@ class _Window:
         self.last = {k.removeprefix("train/"): v for k, v in values.items()}
         if "loss" in self.last:
             self.bar.set_postfix(loss=f"{self.last['loss']:.4f}", img_s=f"{self.last['images_per_s']:.0f}")
+        if self.lines:
+            loss = f"loss {self.last['loss']:.4f}, " if "loss" in self.last else ""
+            log.info("step %d/%d: %slr %.3g, %.0f images/s", step, self.total, loss, self.last["lr"],
+                     self.last["images_per_s"])  # fmt: skip
         self.sums, self.steps, self.bad, self.since = {}, 0, 0, now
 
-    def close(self, ran: int) -> dict[str, Any]:
+    def close(self, step: int, ran: int) -> dict[str, Any]:
         """Summary of this invocation: ``ran`` steps (0 when the run was already complete)."""
         self.bar.close()
         images_per_s = ran * self.global_batch / (time.perf_counter() - self.started) if ran else None
-        return {"steps": self.bar.n, "steps_this_run": ran, "final_loss": self.last.get("loss"),
+        return {"steps": step, "steps_this_run": ran, "final_loss": self.last.get("loss"),
                 "images_per_s": images_per_s, "knn_top1": self.last.get("knn_top1")}  # fmt: skip
 
 

@@ -25,8 +25,9 @@ NO_DECAY_SUFFIXES = ("pos_embed", "cls_token", "reg_token", "dist_token", "mask_
 class Progress:
     """Where training is: ``step`` optimisation steps are done, out of ``total_steps``.
 
-    Schedules written in epochs (warmup, teacher temperature, ...) read :attr:`epoch`, the fractional
-    schedule epoch, as the official MAE and DINO code do per iteration.
+    Schedules written in epochs read :attr:`epoch`, the fractional schedule epoch (as the official MAE code does
+    per iteration), or :attr:`whole_epoch`, the epoch the step falls in (DINO's teacher temperature and frozen
+    last layer, indexed by the integer epoch of its loop).
     """
 
     step: int
@@ -36,6 +37,12 @@ class Progress:
     @property
     def epoch(self) -> float:
         return self.step / max(self.total_steps, 1) * self.epochs
+
+    @property
+    def whole_epoch(self) -> int:
+        """``floor(step * epochs / total_steps)`` in integers: ``int(epoch)`` can land one epoch low on a boundary
+        (29 / 100 * 100 = 28.999999999999996)."""
+        return self.step * self.epochs // max(self.total_steps, 1)
 
 
 class Objective(nn.Module, ABC):
@@ -48,6 +55,9 @@ class Objective(nn.Module, ABC):
 
     name: ClassVar[str]
     Config: ClassVar[type]
+    # How the learning-rate warmup reaches the base rate. False: ``base * step / W`` (MAE's util/lr_sched.py, base
+    # at step W); True: ``np.linspace(start, base, W)`` (DINO's utils.cosine_scheduler, base at step W - 1).
+    warmup_reaches_base_at_last_step: ClassVar[bool] = False
 
     @classmethod
     def backbone_kwargs(cls, cfg: Any) -> dict[str, Any]:

@@ -6,6 +6,8 @@
      DataAugmentationDINO, train_one_epoch), utils.py at ba9edd18db78a99193005ef991e04d63984b25a8
      (MultiCropWrapper, cosine_scheduler, cancel_gradients_last_layer, clip_gradients) and
      vision_transformer.py at 58aabc09e056689228e5cfff27c2c20e6d19c945 (DINOHead).
+[2]: facebookresearch/dinov2: dinov2/loss/dino_clstoken_loss.py (``sinkhorn_knopp_teacher``) and koleo_loss.py at
+     05c66df0cfa837710197d4769158c87e36afad2c; Oquab et al., "DINOv2", 2023, https://arxiv.org/abs/2304.07193.
 
 A student (the shared timm backbone + lightly's ``DINOProjectionHead``, which is [1]'s ``DINOHead``: 3-layer GELU MLP,
 L2-normalised bottleneck, weight-normalised last layer) sees 2 global and N local crops; crops of one resolution
@@ -20,6 +22,10 @@ centre all-reduces across processes like [1]); we pass [1]'s per-epoch temperatu
 its einsum would otherwise run in bf16 under autocast. The teacher temperature warms up linearly per *epoch*
 (``np.linspace`` indexed by the integer epoch, as [1]); the last layer's gradients are dropped while the epoch
 is below ``freeze_last_layer``. The export is the teacher's backbone, what [1] evaluates.
+
+Two options from [2], off by default (the official recipes leave them off): ``centering="sinkhorn_knopp"`` replaces
+the EMA centre and softmax by [2]'s Sinkhorn-Knopp teacher targets (the pairs and their average stay [1]'s), and
+``koleo_weight`` adds [2]'s KoLeo regulariser (lightly's ``KoLeoLoss``) on the student's global-crop features.
 
 Deliberate deviations from [1]:
 - gradients are clipped by their global norm (the loop's ``optim.clip_grad``), not per parameter as [1]'s
@@ -40,25 +46,31 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import numpy as np
 import torch
-from lightly.loss import DINOLoss
+import torch.nn.functional as F
+from lightly.loss import DINOLoss, KoLeoLoss
 from lightly.models.modules import DINOProjectionHead
 from lightly.transforms import DINOTransform
 from lightly.utils.debug import std_of_l2_normalized
-from timm.layers import DropPath
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from sslvit.backbone import input_size, patch_size, pooled_feature_dim
 from sslvit.errors import RecipeError
 from sslvit.objectives.base import Objective, Progress
+from sslvit.objectives.teacher import (
+    disable_drop_path,
+    ema_update,
+    multicrop_forward,
+    sinkhorn_knopp,
+    teacher_momentum,
+    teacher_temperature,
+)
 from sslvit.views import IMAGENET_NORMALIZE
 from sslvit.viz import attention_grid, cls_attention_maps
 
@@ -86,6 +98,9 @@ class DINOConfig:
     local_crop_size: int = 96
     local_crops_scale: tuple[float, float] = (0.05, 0.4)
     local_crops_number: int = 8
+    # Not in [1], off by default. DINOv2's ([2] below) pieces, for recipes that must learn in few steps:
+    centering: Literal["ema", "sinkhorn_knopp"] = "ema"  # sinkhorn_knopp: [2]'s teacher targets, no EMA centre
+    koleo_weight: float = 0.0  # > 0: + weight x KoLeo on the student's global-crop backbone features, as [2]
 
     def validate(self) -> None:
         checks = [
@@ -100,6 +115,7 @@ class DINOConfig:
             (self.global_crop_size is None or self.global_crop_size > 0, "objective.global_crop_size must be > 0"),
             (self.local_crop_size > 0, "objective.local_crop_size must be positive"),
             (self.local_crops_number >= 0, "objective.local_crops_number must be >= 0 (0 = no local crops)"),
+            (self.koleo_weight >= 0, "objective.koleo_weight must be >= 0 (0 = off)"),
         ]  # fmt: skip
         for key in ("global_crops_scale", "local_crops_scale"):
             low, high = getattr(self, key)
@@ -107,46 +123,6 @@ class DINOConfig:
         for ok, message in checks:
             if not ok:
                 raise RecipeError(message)
-
-
-def teacher_temperature(cfg: DINOConfig, epoch: float) -> float:
-    """[1]'s teacher temperature at (fractional) ``epoch``: linear warmup indexed by the integer epoch."""
-    warmup, whole = cfg.warmup_teacher_temp_epochs, int(epoch)
-    if whole < warmup:  # np.linspace(warmup_teacher_temp, teacher_temp, warmup)[epoch], as in [1]
-        return float(np.linspace(cfg.warmup_teacher_temp, cfg.teacher_temp, warmup)[whole])
-    return cfg.teacher_temp
-
-
-def teacher_momentum(base: float, step: int, total_steps: int) -> float:
-    """[1]'s ``cosine_scheduler(base, 1, ...)[step]``: ``1 - (1 - base) * (1 + cos(pi * step / total)) / 2``."""
-    return 1.0 - (1.0 - base) * 0.5 * (1.0 + math.cos(math.pi * min(step / max(total_steps, 1), 1.0)))
-
-
-def multicrop_forward(backbone: nn.Module, head: nn.Module, views: list[Tensor]) -> tuple[Tensor, Tensor]:
-    """Backbone on each run of same-sized crops as one batch, then the head on all features at once.
-
-    Args:
-        views: ``V`` tensors ``(B, 3, H_v, W_v)``; consecutive crops of one size are concatenated (global first).
-
-    Returns:
-        ``features: (V * B, D)`` backbone outputs and ``outputs: (V * B, out_dim)`` head outputs, crop-major.
-    """
-    features, start = [], 0
-    while start < len(views):
-        end = start + 1
-        while end < len(views) and views[end].shape[-2:] == views[start].shape[-2:]:
-            end += 1
-        features.append(backbone(torch.cat(views[start:end])))
-        start = end
-    features = torch.cat(features)
-    return features, head(features)
-
-
-def _disable_drop_path(module: nn.Module) -> None:
-    """The teacher is built without stochastic depth in [1]; drop path at rate 0 is the identity."""
-    for layer in module.modules():
-        if isinstance(layer, DropPath):
-            layer.drop_prob = 0.0
 
 
 class DINO(Objective):
@@ -158,6 +134,7 @@ class DINO(Objective):
 
     name = "dino"
     Config = DINOConfig
+    warmup_reaches_base_at_last_step = True  # [1]'s lr warmup is np.linspace(0, lr, W)
 
     def __init__(self, encoder: nn.Module, cfg: DINOConfig) -> None:
         super().__init__()
@@ -174,7 +151,7 @@ class DINO(Objective):
         self.student_backbone = encoder
         self.student_head = self._head()
         self.teacher_backbone = copy.deepcopy(encoder)
-        _disable_drop_path(self.teacher_backbone)
+        disable_drop_path(self.teacher_backbone)
         self.teacher_head = self._head()  # weight norm cannot be deep-copied: build it, then copy the weights
         self.teacher_head.load_state_dict(self.student_head.state_dict())
         for module in (self.teacher_backbone, self.teacher_head):
@@ -187,11 +164,12 @@ class DINO(Objective):
             student_temp=cfg.student_temp,
             center_momentum=cfg.center_momentum,
         )
-        self.teacher_temp = teacher_temperature(cfg, 0.0)  # set per step by before_step
+        self.teacher_temp = teacher_temperature(cfg, 0)  # set per step by before_step
         # The loss hands its teacher outputs to update_center; we apply them in after_step instead, so a step the
         # loop skips (non-finite loss or gradients) moves neither the teacher nor the centre.
         self._pending_centre: list[Tensor] = []
         self.dino_loss.update_center = self._pending_centre.append
+        self.koleo = KoLeoLoss() if cfg.koleo_weight else None
 
     def _crop_sizes(self, encoder: nn.Module) -> tuple[int, int]:
         """The backbone's pooled feature width, and the local crop size it takes (else the global crop size).
@@ -266,6 +244,9 @@ class DINO(Objective):
         """
         n_crops = student_out.shape[0] // (teacher_out.shape[0] // 2)
         with torch.autocast(student_out.device.type, enabled=False):
+            if self.cfg.centering == "sinkhorn_knopp":
+                targets = sinkhorn_knopp(teacher_out.detach(), self.teacher_temp)
+                return cross_entropy_pairs(targets.chunk(2), student_out.float().chunk(n_crops), self.cfg.student_temp)
             return self.dino_loss(
                 teacher_out=list(teacher_out.detach().float().chunk(2)),
                 student_out=list(student_out.float().chunk(n_crops)),
@@ -281,8 +262,10 @@ class DINO(Objective):
         uniform); ``student_feature_std``: std of the L2-normalised student backbone features (0 on collapse,
         about ``1/sqrt(D)`` when spread).
         """
-        centred = teacher_out.float() - self.dino_loss.center.view(1, -1)
-        probs = torch.softmax(centred / self.teacher_temp, dim=-1)
+        if self.cfg.centering == "sinkhorn_knopp":
+            probs = sinkhorn_knopp(teacher_out, self.teacher_temp)
+        else:
+            probs = torch.softmax((teacher_out.float() - self.dino_loss.center.view(1, -1)) / self.teacher_temp, dim=-1)
         return {
             "teacher_batch_entropy": torch.special.entr(probs.mean(dim=0)).sum(),
             "teacher_sample_entropy": torch.special.entr(probs).sum(dim=-1).mean(),
@@ -294,34 +277,36 @@ class DINO(Objective):
         with torch.no_grad():
             _, teacher_out = multicrop_forward(self.teacher_backbone, self.teacher_head, views[:2])
         student_features, student_out = multicrop_forward(self.student_backbone, self.student_head, views)
-        signals = self.collapse_signals(teacher_out, student_features[: teacher_out.shape[0]])  # before centring
-        return {"loss": self.compute_loss(student_out, teacher_out), **signals}
+        global_features = student_features[: teacher_out.shape[0]]
+        signals = self.collapse_signals(teacher_out, global_features)  # before centring
+        loss = self.compute_loss(student_out, teacher_out)
+        if self.koleo is None:
+            return {"loss": loss, **signals}
+        with torch.autocast(global_features.device.type, enabled=False):  # [2]: per global crop, summed
+            koleo = sum(self.koleo(crop) for crop in global_features.float().chunk(2))
+        return {"loss": loss + self.cfg.koleo_weight * koleo, "koleo": koleo.detach(), **signals}
 
     def before_step(self, progress: Progress) -> None:
-        self.teacher_temp = teacher_temperature(self.cfg, progress.epoch)
+        self.teacher_temp = teacher_temperature(self.cfg, progress.whole_epoch)
         self._pending_centre.clear()  # outputs of a skipped step never reach the centre
 
     def after_backward(self, progress: Progress) -> None:
         """Drop the last layer's gradients during the first ``freeze_last_layer`` epochs (as [1])."""
-        self.student_head.cancel_last_layer_gradients(progress.epoch)
+        self.student_head.cancel_last_layer_gradients(progress.whole_epoch)
 
     def after_step(self, progress: Progress) -> dict[str, float]:
         momentum = teacher_momentum(self.cfg.momentum_teacher, progress.step, progress.total_steps)
         self.update_teacher(momentum)
         for teacher_out in self._pending_centre:  # lightly's EMA of the (all-reduced) batch centre
-            DINOLoss.update_center(self.dino_loss, teacher_out)
+            if self.cfg.centering == "ema":
+                DINOLoss.update_center(self.dino_loss, teacher_out)
         self._pending_centre.clear()
         return {"momentum": momentum, "teacher_temp": self.teacher_temp}
 
-    @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:
         """teacher = momentum * teacher + (1 - momentum) * student, over every parameter (as [1])."""
         student = [*self.student_backbone.parameters(), *self.student_head.parameters()]
-        teacher = [*self.teacher_backbone.parameters(), *self.teacher_head.parameters()]
-        # [1]'s formula as mul then add. _foreach_lerp_ is one pass (21 vs 34 ms for 11.5M parameters on one CPU
-        # thread) but rounds differently, for under 1% of a CIFAR DINO step: not worth changing the numerics.
-        torch._foreach_mul_(teacher, momentum)
-        torch._foreach_add_(teacher, student, alpha=1.0 - momentum)
+        ema_update([*self.teacher_backbone.parameters(), *self.teacher_head.parameters()], student, momentum)
 
     @torch.no_grad()
     def visualize(self, batch: dict[str, Any]) -> dict[str, Tensor]:
@@ -333,3 +318,18 @@ class DINO(Objective):
             return {}
         images = batch["views"][0]
         return {"dino/teacher_attention": attention_grid(images, cls_attention_maps(self.teacher_backbone, images))}
+
+
+def cross_entropy_pairs(targets: tuple[Tensor, ...], student_out: tuple[Tensor, ...], student_temp: float) -> Tensor:
+    """[1]'s loss given teacher targets: ``-sum t * log_softmax(s / T)`` averaged over every (teacher crop, student
+    crop) pair of different crops and over the batch, exactly as lightly's ``DINOLoss`` averages it.
+
+    Args:
+        targets: one ``(B, K)`` distribution per teacher (global) crop.
+        student_out: one ``(B, K)`` output per student crop, global crops first.
+    """
+    log_probs = torch.stack([F.log_softmax(s / student_temp, dim=-1) for s in student_out])  # (S, B, K)
+    loss = -torch.einsum("tbk,sbk->ts", torch.stack(list(targets)), log_probs)  # (T, S) sums over the batch
+    loss.fill_diagonal_(0)  # a crop is not compared with itself
+    pairs = loss.numel() - min(loss.shape)
+    return loss.sum() / (pairs * log_probs.shape[1])

@@ -1,0 +1,131 @@
+"""train.budget_minutes: the total is measured at start, undone probe steps, kept on resume, agreed by all ranks."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from sslvit.checkpoint import complete_checkpoints, read_trainer_state
+from sslvit.errors import RecipeError
+from sslvit.recipe import load_recipe
+from sslvit.train import pretrain
+from tests.conftest import tiny_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+QUIET = ["log.image_every=0", "train.checkpoint_every=1000", "log.every=10", "eval.knn_every=0"]
+
+
+def _weights(run: Path) -> dict:
+    return load_file(str(run / "encoder" / "model.safetensors"))
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a)
+
+
+@pytest.mark.parametrize("name", ["quickstart", "quickstart_dino"])
+def test_a_budget_run_is_the_max_steps_run_of_the_length_it_chose(tmp_path, name, one_thread, caplog):
+    caplog.set_level("INFO", logger="sslvit")
+    small = ["objective.local_crops_number=2"] if name == "quickstart_dino" else []
+    summary = pretrain(
+        tiny_recipe(name, "train.max_steps=0", "train.budget_minutes=0.25", *QUIET, *small), tmp_path / "budget"
+    )
+    plan = summary["budget"]
+    assert plan["total_steps"] == summary["steps"] >= 1 and plan["probe_steps"] >= 3
+    assert any(
+        "train.budget_minutes=0.25:" in r.message and "steps fit in the rest" in r.message for r in caplog.records
+    )
+    assert summary["timing"]["total_s"] < 0.25 * 60 * 1.25  # the whole run (startup included) keeps near the budget
+    state = read_trainer_state(complete_checkpoints(tmp_path / "budget" / "checkpoints")[-1])
+    assert state["budget"] == plan
+    config = json.loads((tmp_path / "budget" / "config.json").read_text())
+    assert config["derived"]["total_steps"] == plan["total_steps"]
+    fixed = tiny_recipe(name, f"train.max_steps={plan['total_steps']}", *QUIET, *small)
+    pretrain(fixed, tmp_path / "fixed")
+    # the probe's steps were undone: weights, optimizer, buffers (DINO's centre), RNGs, data position
+    assert _same(_weights(tmp_path / "budget"), _weights(tmp_path / "fixed"))
+
+
+def test_a_resumed_budget_run_keeps_its_total_and_ends_bit_identical(tmp_path, one_thread, caplog):
+    caplog.set_level("INFO", logger="sslvit")
+    recipe = [
+        "train.max_steps=0",
+        "train.budget_minutes=0.2",
+        "log.image_every=0",
+        "train.checkpoint_every=2",
+        "train.keep_checkpoints=1000",
+    ]
+    whole = pretrain(tiny_recipe("quickstart", *recipe), tmp_path / "whole")
+    assert whole["steps"] > 2
+    run = tmp_path / "cut"
+    shutil.copytree(tmp_path / "whole", run)  # as if killed just after the step-2 checkpoint
+    shutil.rmtree(run / "encoder")
+    for checkpoint in complete_checkpoints(run / "checkpoints")[1:]:
+        shutil.rmtree(checkpoint)
+    # a different budget on the command line does not change a run whose total is fixed
+    resumed = pretrain(tiny_recipe("quickstart", *recipe[:1], "train.budget_minutes=5", *recipe[2:]), run)
+    assert resumed["steps"] == whole["steps"] and resumed["steps_this_run"] == whole["steps"] - 2
+    assert any("keeping the total chosen at the start" in r.message for r in caplog.records)
+    assert _same(_weights(run), _weights(tmp_path / "whole"))
+
+
+def test_budget_and_max_steps_are_exclusive_and_print_config_says_the_total_is_decided_at_start():
+    recipe = load_recipe("quickstart")
+    recipe.train.budget_minutes, recipe.train.max_steps = 10, 5
+    with pytest.raises(RecipeError, match="set only one of them"):
+        recipe.validate()
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "pretrain.py"),
+            "--recipe",
+            "quickstart",
+            "--print-config",
+            "--set",
+            "train.budget_minutes=10",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    derived = json.loads(proc.stdout)["derived"]
+    assert derived["total_steps"].startswith("decided at start")
+
+
+def test_two_processes_agree_on_the_total(tmp_path):
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    settings = [
+        "model.depth=2",
+        "model.embed_dim=64",
+        "model.num_heads=2",
+        "data.num_workers=0",
+        "train.global_batch_size=32",
+        "train.batch_size_per_device=16",
+        "train.budget_minutes=0.25",
+        "log.image_every=0",
+        "objective.decoder_depth=1",
+        "train.precision=no",
+        "eval.knn_every=0",
+    ]
+    cmd = [
+        *launcher,
+        str(ROOT / "pretrain.py"),
+        "--recipe",
+        "quickstart",
+        "--output-dir",
+        str(tmp_path),
+        "--set",
+        *settings,
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    plan = read_trainer_state(complete_checkpoints(tmp_path / "checkpoints")[-1])["budget"]
+    assert json.loads(proc.stdout[proc.stdout.index("{") :])["steps"] == plan["total_steps"]
+    assert proc.stderr.count("steps fit in the rest") == 1  # decided once, on the main process
