@@ -165,7 +165,7 @@ def test_quickstart_dino_with_a_cnn_name_pretrains_exports_and_evaluates(tmp_pat
     # fine-tuning: only the CNN's classifier (head.fc) is new; its head.norm comes from the encoder
     out = tmp_path / "ft.json"
     sizes = {"limit_train": 40, "limit_test": 20, "batch_size": 8, "num_workers": 0}
-    argv = flags(encoder=run, data="digits", json_out=out, set=["epochs=1", "warmup_epochs=0"], **sizes)
+    argv = flags(encoder=run, data="digits", **sizes, json_out=out, set=["epochs=1", "warmup_epochs=0"])
     assert guarded(run_finetune, argv) == 0
     model = timm.create_model(f"local-dir:{json.loads(out.read_text())['model_dir']}", pretrained=True).eval()
     assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)

@@ -86,7 +86,7 @@ def test_mixup_needs_an_even_batch():
 
 def test_tiny_finetune_exports_a_timm_model_and_resumes(encoder_dir, tmp_path):
     out = tmp_path / "ft.json"
-    argv = flags(encoder=encoder_dir, limit_train=64, json_out=out, set="warmup_epochs=0", **DIGITS)
+    argv = flags(encoder=encoder_dir, **DIGITS, limit_train=64, json_out=out, set="warmup_epochs=0")  # --set last
     assert guarded(run_finetune, [*argv, "epochs=1"]) == 0
     report = json.loads(out.read_text())
     assert report["resumed_from_epoch"] == 0 and len(report["history"]) == 1

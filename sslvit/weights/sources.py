@@ -58,7 +58,7 @@ class EncoderWeights:
     state: dict[str, torch.Tensor]
     kind: str  # export, checkpoint, or a file format: mae, dino-teacher, dino-student, state_dict, plain
     path: Path | None  # the folder or file actually read (None: a random init)
-    sha256: str  # first 16 hex digits of the weights file's sha256
+    sha256: str  # first 16 hex digits of the sha256 of the weights file (a random init: of its tensors)
     architecture: str | None = None  # the timm name: recorded by sslvit, given with the file, or read from its shapes
     model_args: dict[str, Any] = field(default_factory=dict)  # the timm.create_model arguments that rebuild it
     input_size: list[int] | None = None  # the recorded training resolution (a CNN's model_args cannot hold it)
