@@ -4,7 +4,7 @@ For each case it prints one JSON object with three measurements made in one proc
 
 - ``e2e``: :func:`sslvit.train.pretrain` on real data (decode, augmentation, loader workers as the recipe has
   them, logging, the EMA teacher, checkpointing) for ``warmup + steps + 1`` steps. Only the steady state is
-  timed: the start of every optimisation step is time-stamped (a wrapper around the loop's ``_train_step``), and
+  timed: the start of every optimisation step is time-stamped (through the loop's ``LoopCallback``), and
   the ``steps`` iterations after the first ``warmup`` are timed, so start-up, worker spawn and the final export
   are left out. Costs that come once per N steps are measured where they happen (the final checkpoint, the image
   log at the last step) and added per step at the recipe's own interval (``train.checkpoint_every``,
@@ -52,8 +52,14 @@ from sslvit.recipe import Recipe, apply_overrides, load_recipe
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR10 = ROOT.parent / "shared" / "data" / "cifar10"
 # Tiny shapes for --smoke: the script's plumbing in seconds, on any machine (numbers meaningless).
-SMOKE = ["model.depth=2", "model.embed_dim=64", "model.num_heads=2", "model.img_size=32", "model.patch_size=4",
-         "log.num_images=2"]  # fmt: skip
+SMOKE = [
+    "model.depth=2",
+    "model.embed_dim=64",
+    "model.num_heads=2",
+    "model.img_size=32",
+    "model.patch_size=4",
+    "log.num_images=2",
+]
 SMOKE_OBJECTIVE = {
     "mae": ["objective.decoder_embed_dim=32", "objective.decoder_depth=1", "objective.decoder_num_heads=2"],
     "dino": ["objective.out_dim=256", "objective.hidden_dim=64", "objective.bottleneck_dim=32",
@@ -218,37 +224,28 @@ def _cpu_seconds() -> tuple[float, float]:
     return time.process_time(), children
 
 
+class _StepClock(train_module.LoopCallback):
+    """Time-stamps the start of steps ``warmup`` and ``warmup + steps``; keeps the last time of each periodic cost."""
+
+    def __init__(self, warmup: int, steps: int) -> None:
+        self.marks, self.stamps, self.once = (warmup, warmup + steps), {}, Counter()
+
+    def on_step_start(self, step: int) -> None:
+        if step in self.marks:
+            self.stamps[step] = (time.perf_counter(), *_cpu_seconds())
+
+    def on_periodic(self, what: str, seconds: float) -> None:
+        self.once[f"{what}_s"] = seconds  # the last one: warm, as in a long run
+
+
 def time_pretrain(recipe: Recipe, run_dir: Path, warmup: int, steps: int) -> dict:
     """Run :func:`sslvit.train.pretrain`, time-stamping each step's start; amortise the periodic costs."""
-    stamps: list[tuple[float, float, float]] = []  # (wall, main process CPU, workers CPU) at each step's start
-    once: Counter[str] = Counter()
-    hooks = {"_train_step": None, "save_checkpoint": "checkpoint_s", "_log_images": "image_log_s"}
-    originals = {name: getattr(train_module, name) for name in hooks}
-
-    def wrap(name: str, key: str | None):
-        def timed(*args, **kwargs):
-            if key is None:
-                count = len(stamps)
-                stamps.append((time.perf_counter(), *_cpu_seconds()) if count in (warmup, warmup + steps) else ())
-                return originals[name](*args, **kwargs)
-            start = time.perf_counter()
-            try:
-                return originals[name](*args, **kwargs)
-            finally:
-                once[key] = time.perf_counter() - start  # the last one: warm, as in a long run
-
-        return timed
-
-    for name, key in hooks.items():
-        setattr(train_module, name, wrap(name, key))
+    clock = _StepClock(warmup, steps)
     begin = time.perf_counter()
-    try:
-        train_module.pretrain(recipe, run_dir)
-    finally:
-        for name, original in originals.items():
-            setattr(train_module, name, original)
+    train_module.pretrain(recipe, run_dir, callback=clock)
     wall = time.perf_counter() - begin
-    (t0, main0, workers0), (t1, main1, workers1) = stamps[warmup], stamps[warmup + steps]
+    (t0, main0, workers0), (t1, main1, workers1) = clock.stamps[warmup], clock.stamps[warmup + steps]
+    once = {"checkpoint_s": clock.once["checkpoint_s"], "image_log_s": clock.once["images_s"]}
     step_s = (t1 - t0) / steps
     periodic = {"checkpoint_s": recipe.train.checkpoint_every, "image_log_s": recipe.log.image_every}
     amortised = sum(once[key] / every for key, every in periodic.items() if every)
@@ -271,8 +268,14 @@ def time_loader(recipe: Recipe, warmup: int, batches: int) -> float:
     """Images/s of the pretraining DataLoader alone: same source, views, seeding, workers and batch."""
     # the loop's own data opening (decode cache included); the accelerator is read only for a stream
     dataset, _, _ = train_module._open_data(recipe, train_module.build_objective(recipe)[0], None)
-    loader = data.make_loader(dataset, recipe.train.batch_size_per_device, shuffle=True, drop_last=True,
-                              cfg=recipe.data, seed=recipe.train.seed)  # fmt: skip
+    loader = data.make_loader(
+        dataset,
+        recipe.train.batch_size_per_device,
+        shuffle=True,
+        drop_last=True,
+        cfg=recipe.data,
+        seed=recipe.train.seed,
+    )
     it = iter(loader)
     for _ in range(warmup):
         next(it)
@@ -288,8 +291,14 @@ def bare_step(recipe: Recipe):
     """The loop's own step on synthetic views, as benchmarks/throughput.py times it (mid-schedule, no data)."""
     precision = "fp32" if recipe.train.precision == "no" else recipe.train.precision
     batch = recipe.train.batch_size_per_device
-    cfg = Config(recipe.objective.name, recipe.model.name, recipe.model.img_size, recipe.model.patch_size, batch,
-                 precision=precision)  # fmt: skip
+    cfg = Config(
+        recipe.objective.name,
+        recipe.model.name,
+        recipe.model.img_size,
+        recipe.model.patch_size,
+        batch,
+        precision=precision,
+    )
     return sslvit_step(replace(recipe, train=replace(recipe.train, max_steps=TOTAL_STEPS)), cfg)[0]
 
 

@@ -39,22 +39,39 @@ def main() -> None:
     Accelerator.save_state = save_state
     recipe = apply_overrides(
         load_recipe("quickstart"),
-        ["model.depth=2", "model.embed_dim=64", "model.num_heads=2", "objective.decoder_depth=1",
-         "train.global_batch_size=16", "train.batch_size_per_device=16", f"train.max_steps={args.steps}",
-         f"train.checkpoint_every={args.checkpoint_every}", "log.every=50", "log.image_every=500",
-         "data.num_workers=2"],
-    )  # fmt: skip
+        [
+            "model.depth=2",
+            "model.embed_dim=64",
+            "model.num_heads=2",
+            "objective.decoder_depth=1",
+            "train.global_batch_size=16",
+            "train.batch_size_per_device=16",
+            f"train.max_steps={args.steps}",
+            f"train.checkpoint_every={args.checkpoint_every}",
+            "log.every=50",
+            "log.image_every=500",
+            "data.num_workers=2",
+        ],
+    )
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as run:
         summary = pretrain(recipe, Path(run))
     warm = samples[min(2, len(samples) - 1)]  # after the first checkpoints: allocator and caches settled
     growth = (samples[-1] - warm) / max(args.steps - 3 * args.checkpoint_every, 1) * 1000
-    print(json.dumps({
-        "benchmark": "soak", "steps": summary["steps"], "checkpoints": len(samples),
-        "rss_mib_after_warmup": round(warm, 1), "rss_mib_end": round(samples[-1], 1),
-        "rss_mib_max": round(max(samples), 1), "growth_mib_per_1000_steps": round(growth, 2),
-        "wall_s": round(time.perf_counter() - start, 1),
-    }))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "benchmark": "soak",
+                "steps": summary["steps"],
+                "checkpoints": len(samples),
+                "rss_mib_after_warmup": round(warm, 1),
+                "rss_mib_end": round(samples[-1], 1),
+                "rss_mib_max": round(max(samples), 1),
+                "growth_mib_per_1000_steps": round(growth, 2),
+                "wall_s": round(time.perf_counter() - start, 1),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

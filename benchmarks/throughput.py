@@ -8,7 +8,7 @@ backward, teacher, loss): it counts matmuls, convolutions and attention, not ele
 on timm's math path because the CPU's fused attention kernel has no FLOP formula.
 
 The sslvit step is the loop's own code (``sslvit.train.optimisation_step``: schedules, ``before_step``,
-``_train_step``, ``after_step``) on an objective built from a recipe. The reference step is built the way
+forward/backward, optimizer, ``after_step``) on an objective built from a recipe. The reference step is built the way
 lightly's examples build MAE and DINO (lightly ``examples/pytorch/mae.py`` and ``dino.py``) on the identical timm
 ViT, head sizes, AdamW hyperparameters and precision: ``a_over_b`` is sslvit / lightly. ``--compare`` instead
 times sslvit against itself with one step-level lever changed. One JSON object per measurement on stdout.
@@ -30,7 +30,6 @@ import json
 import statistics
 import time
 import warnings
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +41,7 @@ from lightly.models import utils
 from lightly.models.modules import DINOProjectionHead, MaskedVisionTransformerDecoderTIMM, MaskedVisionTransformerTIMM
 from lightly.models.utils import deactivate_requires_grad, update_momentum
 from lightly.utils.scheduler import cosine_schedule
+from PIL import Image
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -50,6 +50,7 @@ from sslvit.backbone import build_backbone, set_fused_attention
 from sslvit.objectives import OBJECTIVES
 from sslvit.recipe import Recipe, apply_overrides, derive, load_recipe
 from sslvit.train import build_objective, make_optimizer, optimisation_step, prefer_math_attention
+from sslvit.training.state import Trainer
 
 TOTAL_STEPS = 1_000_000  # the schedules' length; timing starts half-way: past warmup and the frozen last layer
 DEFAULT_RECIPES = {"mae": ("mae_vit_tiny_cifar", "mae_vit_b"), "dino": ("dino_vit_tiny_cifar", "dino_vit_s16")}
@@ -98,10 +99,18 @@ SUITES = {
 
 def make_recipe(cfg: Config) -> Recipe:
     """The objective's recipe with the benchmark's model, batch, precision and crops; no accumulation."""
+    if not cfg.recipe and cfg.objective not in DEFAULT_RECIPES:
+        raise SystemExit(f"--objective {cfg.objective} has no default recipe here; pass --recipe NAME_OR_FILE")
     name = cfg.recipe or DEFAULT_RECIPES[cfg.objective][cfg.img > 64]
-    sets = [f"model.name={cfg.model}", f"model.img_size={cfg.img}", f"model.patch_size={cfg.patch}",
-            "train.global_batch_size=0", f"train.batch_size_per_device={cfg.batch}", f"train.max_steps={TOTAL_STEPS}",
-            f"train.precision={'no' if cfg.precision == 'fp32' else cfg.precision}"]  # fmt: skip
+    sets = [
+        f"model.name={cfg.model}",
+        f"model.img_size={cfg.img}",
+        f"model.patch_size={cfg.patch}",
+        "train.global_batch_size=0",
+        f"train.batch_size_per_device={cfg.batch}",
+        f"train.max_steps={TOTAL_STEPS}",
+        f"train.precision={'no' if cfg.precision == 'fp32' else cfg.precision}",
+    ]
     if cfg.objective == "dino":
         sets.append(f"objective.global_crop_size={cfg.img}")
         sets += [f"objective.local_crops_number={cfg.local_crops}"] if cfg.local_crops is not None else []
@@ -111,13 +120,20 @@ def make_recipe(cfg: Config) -> Recipe:
     return recipe
 
 
-def synthetic_views(recipe: Recipe, batch: int, device: torch.device) -> list[torch.Tensor]:
-    """Normalised-image-like noise in the objective's view layout (DINO: 2 global crops, then the local ones)."""
-    sizes = [recipe.model.img_size]
-    if recipe.objective.name == "dino":
-        sizes = [recipe.objective.global_crop_size] * 2 + [recipe.objective.local_crop_size] * (
-            recipe.objective.local_crops_number
-        )
+def synthetic_views(recipe: Recipe, batch: int, device: torch.device, objective: nn.Module | None = None):
+    """Normalised-image-like noise in the objective's view layout (DINO: 2 global crops, then the local ones).
+
+    With ``objective``, the layout is read from its own ``views()`` (any objective in the table); without, it is
+    MAE's or DINO's (the lightly reference steps).
+    """
+    if objective is not None:
+        views = objective.views()(Image.new("RGB", (recipe.model.img_size,) * 2))
+        sizes = [v.shape[-1] for v in (views if isinstance(views, list) else [views])]
+    else:
+        sizes = [recipe.model.img_size]
+    if objective is None and recipe.objective.name == "dino":
+        o = recipe.objective
+        sizes = [o.global_crop_size] * 2 + [o.local_crop_size] * o.local_crops_number
     generator = torch.Generator().manual_seed(0)
     return [torch.randn(batch, 3, s, s, generator=generator).to(device) for s in sizes]
 
@@ -144,11 +160,12 @@ def sslvit_step(recipe: Recipe, cfg: Config, lever: str = "") -> tuple[Callable[
     if lever.startswith("attn:"):  # timm's fused (SDPA) attention forced on or off
         set_fused_attention(objective, lever == "attn:fused")
     model, optimizer = accelerator.prepare(objective, optimizer)
-    batches = itertools.repeat((0, {"views": synthetic_views(recipe, cfg.batch, accelerator.device), "skipped": {}}))
-    steps, skipped = itertools.count(TOTAL_STEPS // 2), Counter()
+    views = synthetic_views(recipe, cfg.batch, accelerator.device, objective)
+    batches = itertools.repeat((0, {"views": views, "skipped": {}}))
+    trainer, steps = Trainer(accelerator, model, optimizer, recipe, derived), itertools.count(TOTAL_STEPS // 2)
 
     def step() -> None:
-        optimisation_step(accelerator, model, optimizer, batches, recipe, derived, next(steps), skipped)
+        optimisation_step(trainer, batches, next(steps))
 
     return step, objective
 
@@ -164,10 +181,15 @@ class LightlyMAE(nn.Module):
         self.sequence_length = self.backbone.sequence_length
         self.decoder_embed = nn.Linear(vit.embed_dim, cfg.decoder_embed_dim)
         self.decoder = MaskedVisionTransformerDecoderTIMM(
-            num_patches=vit.patch_embed.num_patches, embed_dim=cfg.decoder_embed_dim, depth=cfg.decoder_depth,
-            num_heads=cfg.decoder_num_heads, num_prefix_tokens=vit.num_prefix_tokens, mlp_ratio=4.0,
-            proj_drop_rate=0.0, attn_drop_rate=0.0,
-        )  # fmt: skip
+            num_patches=vit.patch_embed.num_patches,
+            embed_dim=cfg.decoder_embed_dim,
+            depth=cfg.decoder_depth,
+            num_heads=cfg.decoder_num_heads,
+            num_prefix_tokens=vit.num_prefix_tokens,
+            mlp_ratio=4.0,
+            proj_drop_rate=0.0,
+            attn_drop_rate=0.0,
+        )
         self.prediction_head = nn.Linear(cfg.decoder_embed_dim, self.patch_size**2 * 3)
         self.criterion = nn.MSELoss()
 
@@ -232,10 +254,13 @@ def lightly_step(recipe: Recipe, cfg: Config) -> tuple[Callable[[], None], nn.Mo
 
         return step, model
     criterion = DINOLoss(
-        output_dim=objective_cfg.out_dim, warmup_teacher_temp=objective_cfg.warmup_teacher_temp,
-        teacher_temp=objective_cfg.teacher_temp, warmup_teacher_temp_epochs=objective_cfg.warmup_teacher_temp_epochs,
-        student_temp=objective_cfg.student_temp, center_momentum=objective_cfg.center_momentum,
-    ).to(device)  # fmt: skip
+        output_dim=objective_cfg.out_dim,
+        warmup_teacher_temp=objective_cfg.warmup_teacher_temp,
+        teacher_temp=objective_cfg.teacher_temp,
+        warmup_teacher_temp_epochs=objective_cfg.warmup_teacher_temp_epochs,
+        student_temp=objective_cfg.student_temp,
+        center_momentum=objective_cfg.center_momentum,
+    ).to(device)
     epochs = recipe.schedule.epochs
     epoch = epochs // 2  # the sslvit step's schedule position: half-way
 
@@ -340,23 +365,42 @@ def report(cfg: Config, recipe: Recipe, device, flops: dict, samples: dict, warm
     toggled = {"precision": "fp32" if cfg.precision == "bf16" else "bf16", "compile": f"compile={not cfg.compile}"}
     name = f"sslvit+{toggled.get(cfg.compare, cfg.compare)}"
     return {
-        "benchmark": "train_step_throughput", "objective": cfg.objective, "recipe": recipe.name, "model": cfg.model,
-        "img": cfg.img, "patch": cfg.patch, "crops": crops, "batch": cfg.batch, "precision": cfg.precision,
-        "compile": cfg.compile, "device": device_name(device), "threads": torch.get_num_threads(),
-        "torch": torch.__version__, "a": "sslvit", "b": "lightly" if cfg.compare == "lightly" else name,
-        "a_images_per_s": round(ips["a"], 2), "b_images_per_s": round(ips["b"], 2),
+        "benchmark": "train_step_throughput",
+        "objective": cfg.objective,
+        "recipe": recipe.name,
+        "model": cfg.model,
+        "img": cfg.img,
+        "patch": cfg.patch,
+        "crops": crops,
+        "batch": cfg.batch,
+        "precision": cfg.precision,
+        "compile": cfg.compile,
+        "device": device_name(device),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "a": "sslvit",
+        "b": "lightly" if cfg.compare == "lightly" else name,
+        "a_images_per_s": round(ips["a"], 2),
+        "b_images_per_s": round(ips["b"], 2),
         "a_over_b": round(statistics.median(a / b for a, b in zip(samples["a"], samples["b"])), 3),
-        "a_flops_per_image": flops["a"], "b_flops_per_image": flops["b"],
-        "a_achieved_flops_per_s": round(flops["a"] * ips["a"]), "b_achieved_flops_per_s": round(flops["b"] * ips["b"]),
-        "matmul": f"{cfg.matmul_size}^3 {cfg.precision}", "matmul_peak_flops_per_s": round(peak),
-        "a_mfu": round(flops["a"] * ips["a"] / peak, 3), "b_mfu": round(flops["b"] * ips["b"] / peak, 3),
-        "a_warmup_s": round(warmup["a"], 1), "b_warmup_s": round(warmup["b"], 1),
-        "windows": cfg.windows, "steps_per_window": cfg.steps, "warmup_steps": cfg.warmup,
+        "a_flops_per_image": flops["a"],
+        "b_flops_per_image": flops["b"],
+        "a_achieved_flops_per_s": round(flops["a"] * ips["a"]),
+        "b_achieved_flops_per_s": round(flops["b"] * ips["b"]),
+        "matmul": f"{cfg.matmul_size}^3 {cfg.precision}",
+        "matmul_peak_flops_per_s": round(peak),
+        "a_mfu": round(flops["a"] * ips["a"] / peak, 3),
+        "b_mfu": round(flops["b"] * ips["b"] / peak, 3),
+        "a_warmup_s": round(warmup["a"], 1),
+        "b_warmup_s": round(warmup["b"], 1),
+        "windows": cfg.windows,
+        "steps_per_window": cfg.steps,
+        "warmup_steps": cfg.warmup,
         "a_window_images_per_s": [round(v, 1) for v in samples["a"]],
         "b_window_images_per_s": [round(v, 1) for v in samples["b"]],
         "flops_counted": "FlopCounterMode, one whole step: matmul/conv/attention only (no elementwise ops)",
         "wall_s": round(seconds, 1),
-    }  # fmt: skip
+    }
 
 
 def device_name(device: torch.device) -> str:

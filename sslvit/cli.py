@@ -24,9 +24,14 @@ def pretrain_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--recipe", help="a recipe name (see --list-recipes) or a path to a recipe .py file")
     parser.add_argument(
-        "--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+        "--set",
+        dest="overrides",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="KEY=VALUE",
         help="override recipe fields by dotted path, e.g. --set optim.base_lr=1e-4 data.path=/data/train",
-    )  # fmt: skip
+    )
     parser.add_argument("--output-dir", help="run folder (default: runs/<recipe>)")
     parser.add_argument("--list-recipes", action="store_true", help="list the shipped recipes and exit")
     parser.add_argument("--print-config", action="store_true", help="print the resolved recipe as JSON and exit")

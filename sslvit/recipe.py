@@ -1,4 +1,6 @@
-"""Typed recipes: the dataclasses, loading a recipe by name or path, ``--set`` overrides and validation.
+"""Typed recipes: the dataclasses, loading a recipe by name or path, validation and derived values.
+
+``--set`` overrides live in :mod:`sslvit.overrides` (``apply_overrides`` is re-exported here).
 
 A recipe is one Python file in ``recipes/`` that defines ``RECIPE = Recipe(...)``; variants are made with
 ``dataclasses.replace`` from a base recipe. Derived values (absolute lr, global batch, total steps) are
@@ -7,20 +9,20 @@ computed by :func:`derive` and logged, never written back into the recipe.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib
 import importlib.util
 import json
-import math
 import os
 import pkgutil
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from sslvit.errors import RecipeError
+from sslvit.overrides import apply_overrides as apply_overrides  # re-exported: sslvit.recipe.apply_overrides
+from sslvit.training.schedules import plan_batch
 
 
 @dataclass
@@ -237,134 +239,52 @@ RECIPE_PACKAGE = "sslvit.recipes"  # recipes/ is installed as this package (see 
 def list_recipes() -> list[str]:
     """Names of the pretraining recipes that ship with sslvit, sorted."""
     package = importlib.import_module(RECIPE_PACKAGE)
-    # recipes/finetune_*.py are fine-tuning recipes (sslvit.evaluation.finetune.list_finetune_recipes)
+    # recipes/finetune_*.py are fine-tuning recipes (sslvit.training.finetune.list_finetune_recipes)
     return sorted(m.name for m in pkgutil.iter_modules(package.__path__) if not m.name.startswith(("_", "finetune_")))
 
 
 def load_recipe(name_or_path: str) -> Recipe:
-    """Load a recipe by name (a file in ``recipes/``) or by path to a recipe file.
+    """Load a pretraining recipe by name (a file in ``recipes/``) or by path to a recipe file.
 
     Raises:
-        RecipeError: the name is unknown, or the file defines no ``RECIPE``.
+        RecipeError: the name is unknown, or the file defines no ``RECIPE = Recipe(...)``.
+    """
+    name, recipe = load_recipe_file(name_or_path, Recipe, list_recipes(), "recipe")
+    return dataclasses.replace(recipe, name=name)
+
+
+def load_recipe_file(name_or_path: str, kind: type, known: list[str], what: str) -> tuple[str, Any]:
+    """The ``RECIPE`` of a recipe file: a name among ``known`` (in ``recipes/``) or a path to a ``.py`` file.
+
+    Pretraining (:func:`load_recipe`) and fine-tuning (``load_finetune_recipe``) recipes load through this one
+    function.
+
+    Args:
+        kind: the type ``RECIPE`` must have (:class:`Recipe`, ``FinetuneConfig``).
+        what: the recipe kind for messages ("recipe", "fine-tuning recipe").
+
+    Returns:
+        ``(name, a deep copy of RECIPE)``: ``--set`` overrides never leak into the module-level object that other
+        recipes derive from.
+
+    Raises:
+        RecipeError: the name is unknown, the file is missing, or it defines no ``RECIPE`` of type ``kind``.
     """
     path = Path(name_or_path)
-    if path.suffix == ".py" or os.sep in name_or_path:
+    if path.suffix == ".py" or "/" in name_or_path or os.sep in name_or_path:
         if not path.is_file():
-            raise RecipeError(f"recipe file {name_or_path} does not exist")
+            raise RecipeError(f"{what} file {name_or_path} does not exist")
         spec = importlib.util.spec_from_file_location(f"sslvit_user_recipe_{path.stem}", path)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-        name = path.stem
     else:
-        known = list_recipes()
         if name_or_path not in known:
-            raise RecipeError(f"unknown recipe {name_or_path!r}; known recipes: {', '.join(known)}")
+            raise RecipeError(f"unknown {what} {name_or_path!r}; known: {', '.join(known)}")
         module = importlib.import_module(f"{RECIPE_PACKAGE}.{name_or_path}")
-        name = name_or_path
     recipe = getattr(module, "RECIPE", None)
-    if not isinstance(recipe, Recipe):
-        raise RecipeError(f"recipe file {module.__file__} must define RECIPE = Recipe(...)")
-    # A deep copy: overrides must never leak into the module-level object other recipes derive from.
-    return dataclasses.replace(_deepcopy(recipe), name=name)
-
-
-def _deepcopy(obj: Any) -> Any:
-    import copy
-
-    return copy.deepcopy(obj)
-
-
-# -------------------------------------------------------------------------------------------- overrides
-
-
-def apply_overrides(recipe: Any, overrides: list[str]) -> Any:
-    """Apply ``key=value`` overrides by dotted path, e.g. ``optim.base_lr=1e-4``, to any nested dataclass.
-
-    Raises:
-        RecipeError: the key is unknown, the value has the wrong type, or the override is malformed.
-    """
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise RecipeError(f"override {item!r} must look like section.field=value, e.g. optim.base_lr=1e-4")
-        parts = key.split(".")
-        target: Any = recipe
-        for depth, part in enumerate(parts[:-1]):
-            target = getattr(target, part, None) if dataclasses.is_dataclass(target) else None
-            if not dataclasses.is_dataclass(target):
-                raise RecipeError(
-                    f"unknown recipe key {'.'.join(parts[: depth + 1])!r} in --set {item}; {_known(recipe)}"
-                )
-        leaf = parts[-1]
-        fields = {f.name: f for f in dataclasses.fields(target)}
-        if leaf not in fields or (target is recipe and leaf == "name"):
-            raise RecipeError(f"unknown recipe key {key!r} in --set {item}; {_known(recipe)}")
-        if target is getattr(recipe, "objective", None) and leaf == "name":
-            raise RecipeError("objective.name cannot be changed with --set; pick a recipe of that objective instead")
-        hint = typing.get_type_hints(type(target))[leaf]
-        setattr(target, leaf, _parse_value(key, raw.strip(), hint))
-    return recipe
-
-
-def _known(recipe: Any) -> str:
-    keys = [k for k in _flatten(dataclasses.asdict(recipe)) if k != "name"]
-    return "known keys: " + ", ".join(keys)
-
-
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
-_TRUE = {"true", "1", "yes", "on"}
-_FALSE = {"false", "0", "no", "off"}
-
-
-def _parse_value(key: str, raw: str, hint: Any) -> Any:
-    """Parse ``raw`` as the annotated type ``hint``; raise RecipeError naming ``key`` when it does not fit."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if type(None) in args and raw.lower() in ("none", "null"):
-            return None
-        errors = []
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _parse_value(key, raw, arg)
-            except RecipeError as err:
-                errors.append(str(err))
-        raise RecipeError(errors[0])
-    if origin is Literal:
-        if raw not in args:
-            raise RecipeError(f"{key}={raw!r} is not allowed; choose one of {', '.join(map(str, args))}")
-        return raw
-    if origin is tuple:
-        items = [s for s in raw.strip("()[] ").split(",") if s.strip()]
-        if len(items) != len(args):
-            raise RecipeError(f"{key} needs {len(args)} comma-separated values, got {raw!r}")
-        return tuple(_parse_value(key, s.strip(), a) for s, a in zip(items, args))
-    if hint is bool:
-        if raw.lower() in _TRUE:
-            return True
-        if raw.lower() in _FALSE:
-            return False
-        raise RecipeError(f"{key} needs true or false, got {raw!r}")
-    if hint in (int, float):
-        try:
-            value = hint(raw) if hint is float else int(raw)
-        except ValueError:
-            raise RecipeError(f"{key} needs {'an integer' if hint is int else 'a number'}, got {raw!r}") from None
-        if hint is float and not math.isfinite(value):
-            raise RecipeError(f"{key} needs a finite number, got {raw!r}")
-        return value
-    if hint is str:
-        return raw
-    raise RecipeError(f"{key} cannot be set from the command line (type {hint})")
+    if not isinstance(recipe, kind):
+        raise RecipeError(f"{what} file {module.__file__} must define RECIPE = {kind.__name__}(...)")
+    return path.stem, copy.deepcopy(recipe)
 
 
 # ----------------------------------------------------------------------------------------- derived values
@@ -399,18 +319,11 @@ def derive(recipe: Recipe, world_size: int, num_samples: int | None, budget_step
     Raises:
         RecipeError: the global batch cannot be split evenly over the processes.
     """
-    per_device = recipe.train.batch_size_per_device
-    if recipe.train.global_batch_size == 0:
-        accum, global_batch = 1, world_size * per_device
-    else:
-        global_batch = recipe.train.global_batch_size
-        accum, rest = divmod(global_batch, world_size * per_device)
-        if rest or accum == 0:
-            raise RecipeError(
-                f"train.global_batch_size={global_batch} is not a multiple of {world_size} process(es) x "
-                f"train.batch_size_per_device={per_device}; change one of them (or set train.global_batch_size=0 "
-                "for no gradient accumulation)"
-            )
+    train = recipe.train
+    batch = plan_batch(
+        train.batch_size_per_device, world_size, recipe.optim.base_lr, global_batch=train.global_batch_size
+    )
+    global_batch = batch.global_batch
     steps_per_epoch = None if num_samples is None else num_samples // global_batch
     if recipe.train.budget_minutes:
         total = budget_steps
@@ -420,10 +333,10 @@ def derive(recipe: Recipe, world_size: int, num_samples: int | None, budget_step
     warmup = None if total is None else round(total * recipe.schedule.warmup_epochs / recipe.schedule.epochs)
     return Derived(
         world_size=world_size,
-        batch_size_per_device=per_device,
-        grad_accum_steps=accum,
+        batch_size_per_device=batch.batch_size_per_device,
+        grad_accum_steps=batch.accum_steps,
         global_batch_size=global_batch,
-        lr=recipe.optim.base_lr * global_batch / 256,
+        lr=batch.lr,
         num_samples=num_samples,
         steps_per_epoch=steps_per_epoch,
         total_steps=total,

@@ -29,20 +29,24 @@ def flags(**options: Any) -> list[str]:
     return out
 
 
+# A tiny run: 32 px digits, 16 images per step, 2 steps, everything logged.
+TINY_RUN = [
+    *TINY_MODEL,
+    "data.path=digits",
+    "data.num_workers=0",
+    "train.global_batch_size=16",
+    "train.batch_size_per_device=16",
+    "train.precision=no",
+    "train.max_steps=2",
+    "log.every=1",
+    "log.image_every=1",
+    "log.num_images=2",
+]
+
+
 def tiny_recipe(name: str = "quickstart", *overrides: str) -> Recipe:
     """A shipped recipe shrunk to a depth-2, width-64 ViT on 32 px digits, 16 images per step."""
-    base = [
-        *TINY_MODEL,
-        "data.path=digits",
-        "data.num_workers=0",
-        "train.global_batch_size=16",
-        "train.batch_size_per_device=16",
-        "train.precision=no",
-        "train.max_steps=2",
-        "log.every=1",
-        "log.image_every=1",
-        "log.num_images=2",
-    ]
+    base = list(TINY_RUN)
     if name == "quickstart":
         base += ["objective.decoder_embed_dim=32", "objective.decoder_depth=1", "objective.decoder_num_heads=2"]
     recipe = apply_overrides(load_recipe(name), [*base, *overrides])

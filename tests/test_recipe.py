@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -43,9 +44,17 @@ def test_mae_vit_b_has_the_official_hyperparameters():
 def test_overrides_parse_by_type_and_do_not_leak_into_other_loads():
     r = apply_overrides(
         load_recipe("mae_vit_b"),
-        ["optim.base_lr=1e-3", "train.max_steps=7", "objective.norm_pix_loss=false", "optim.betas=0.8,0.9",
-         "optim.weight_decay_end=0.4", "model.depth=2", "train.precision=no", "data.path=/x"],
-    )  # fmt: skip
+        [
+            "optim.base_lr=1e-3",
+            "train.max_steps=7",
+            "objective.norm_pix_loss=false",
+            "optim.betas=0.8,0.9",
+            "optim.weight_decay_end=0.4",
+            "model.depth=2",
+            "train.precision=no",
+            "data.path=/x",
+        ],
+    )
     assert (r.optim.base_lr, r.train.max_steps, r.objective.norm_pix_loss) == (1e-3, 7, False)
     assert (r.optim.betas, r.optim.weight_decay_end, r.model.depth, r.train.precision) == ((0.8, 0.9), 0.4, 2, "no")
     assert load_recipe("mae_vit_b").optim.base_lr == 1.5e-4
@@ -62,13 +71,25 @@ def test_overrides_parse_by_type_and_do_not_leak_into_other_loads():
         ("objective.norm_pix_loss=maybe", "objective.norm_pix_loss needs true or false"),
         ("train.precision=fp8", "train.precision='fp8' is not allowed"),
         ("optim.betas=0.9", "optim.betas needs 2 comma-separated values"),
-        ("objective.name=dino", "objective.name cannot be changed"),
+        ("objective.name=byol", "objective.name='byol' is not an objective; known objectives: mae, dino"),
         ("noequals", "must look like section.field=value"),
     ],
 )
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(RecipeError, match=message.replace("(", r"\(").replace(")", r"\)")):
         apply_overrides(load_recipe("mae_vit_b"), [override])
+
+
+def test_objective_name_switches_to_that_objectives_defaults_and_keeps_the_other_sections():
+    from sslvit.objectives import DINOConfig
+
+    mae = load_recipe("mae_vit_b")
+    # objective.name applies first, whatever its place: the DINO field after it would be unknown to MAE
+    recipe = apply_overrides(load_recipe("mae_vit_b"), ["objective.out_dim=1024", "objective.name=dino"])
+    assert recipe.objective == dataclasses.replace(DINOConfig(), out_dim=1024)
+    assert (recipe.model, recipe.optim, recipe.train, recipe.name) == (mae.model, mae.optim, mae.train, mae.name)
+    same = apply_overrides(load_recipe("mae_vit_b"), ["objective.mask_ratio=0.5", "objective.name=mae"])
+    assert same.objective.mask_ratio == 0.5  # naming the objective it already is keeps its settings
 
 
 @pytest.mark.parametrize(

@@ -11,9 +11,9 @@ from timm.layers import resample_abs_pos_embed, resample_patch_embed
 from sslvit.backbone import build_vit
 from sslvit.checkpoint import export_encoder
 from sslvit.errors import CheckpointError
-from sslvit.evaluation.finetune import FinetuneConfig, build_classifier
 from sslvit.evaluation.load import load_encoder
 from sslvit.recipe import ModelConfig
+from sslvit.training.finetune import FinetuneConfig, build_classifier
 from sslvit.weights import build_model, fit_state_dict, init_weights
 
 pytestmark = pytest.mark.usefixtures("one_thread")

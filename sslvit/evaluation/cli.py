@@ -306,8 +306,8 @@ def _linear(setup: Setup, args, cfg, train, test, data, accelerator) -> dict[str
 def run_finetune(argv: list[str] | None = None) -> int:
     """``eval/finetune.py``: full fine-tuning with a named recipe (default: MAE's protocol); resumes when run again."""
     from sslvit.evaluation.features import balanced_subset
-    from sslvit.evaluation.finetune import DEFAULT_RECIPE, finetune, list_finetune_recipes, load_finetune_recipe
     from sslvit.recipe import apply_overrides
+    from sslvit.training.finetune import DEFAULT_RECIPE, finetune, list_finetune_recipes, load_finetune_recipe
 
     if _wants_recipe_list(argv):
         for name, summary in list_finetune_recipes().items():

@@ -45,17 +45,32 @@ from torchvision import transforms as T
 
 from sslvit.errors import RecipeError
 from sslvit.evaluation.features import Features, balanced_subset, encode
+from sslvit.training.schedules import scaled_lr
 from sslvit.views import IMAGENET_NORMALIZE
 
 log = logging.getLogger("sslvit.evaluation")
 
 LARS_TRUST_ONLY_DECAY = 1e-12  # switches lightly's LARS trust ratio on without any real decay (see module doc)
 PROTOCOLS: dict[str, dict[str, Any]] = {
-    "mae": {"epochs": 90, "warmup_epochs": 10.0, "batch_size": 16384, "base_lr": 0.1, "optimizer": "lars",
-            "batchnorm": True, "lr_grid": (0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)},
-    "dino": {"epochs": 100, "warmup_epochs": 0.0, "batch_size": 1024, "base_lr": 0.001, "optimizer": "sgd",
-             "batchnorm": False, "lr_grid": (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)},
-}  # fmt: skip
+    "mae": {
+        "epochs": 90,
+        "warmup_epochs": 10.0,
+        "batch_size": 16384,
+        "base_lr": 0.1,
+        "optimizer": "lars",
+        "batchnorm": True,
+        "lr_grid": (0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0),
+    },
+    "dino": {
+        "epochs": 100,
+        "warmup_epochs": 0.0,
+        "batch_size": 1024,
+        "base_lr": 0.001,
+        "optimizer": "sgd",
+        "batchnorm": False,
+        "lr_grid": (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0),
+    },
+}
 
 
 @dataclass
@@ -103,15 +118,24 @@ class LinearConfig:
         for key in ("epochs", "warmup_epochs", "batch_size"):
             out[key] = getattr(self, key) if getattr(self, key) is not None else defaults[key]
         out["lr_grid"] = self.grid()
-        out["feature"] = "cls" if self.protocol == "mae" else f"cls of last {self.n_last_blocks} blocks" + (
-            " + mean patch token" * self.avgpool_patch_tokens)  # fmt: skip
+        out["feature"] = (
+            "cls"
+            if self.protocol == "mae"
+            else f"cls of last {self.n_last_blocks} blocks" + (" + mean patch token" * self.avgpool_patch_tokens)
+        )
         return out
 
 
 def augment_transform(img_size: int) -> T.Compose:
     """Both papers' linear-probe augmentation: random-resized crop (scale 0.08-1, bicubic) and horizontal flip."""
-    return T.Compose([T.RandomResizedCrop(img_size, interpolation=T.InterpolationMode.BICUBIC),
-                      T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(**IMAGENET_NORMALIZE)])  # fmt: skip
+    return T.Compose(
+        [
+            T.RandomResizedCrop(img_size, interpolation=T.InterpolationMode.BICUBIC),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            T.Normalize(**IMAGENET_NORMALIZE),
+        ]
+    )
 
 
 def probe_inputs(feats: Features | dict[str, torch.Tensor], cfg: LinearConfig) -> torch.Tensor:
@@ -161,8 +185,10 @@ def make_optimizer(heads: LinearHeads, lrs: list[float], hp: dict[str, Any]) -> 
     for i, lr in enumerate(lrs):
         linear = heads.linears[i]
         weight_decay = hp["weight_decay"] or (LARS_TRUST_ONLY_DECAY if hp["optimizer"] == "lars" else 0.0)
-        groups += [{"params": [linear.weight], "lr": lr, "weight_decay": weight_decay},
-                   {"params": [linear.bias], "lr": lr, "weight_decay": 0.0}]  # fmt: skip
+        groups += [
+            {"params": [linear.weight], "lr": lr, "weight_decay": weight_decay},
+            {"params": [linear.bias], "lr": lr, "weight_decay": 0.0},
+        ]
     if hp["optimizer"] == "lars":
         return LARS(groups, lr=lrs[0], momentum=hp["momentum"], nesterov=True)
     return torch.optim.SGD(groups, lr=lrs[0], momentum=hp["momentum"])
@@ -170,8 +196,15 @@ def make_optimizer(heads: LinearHeads, lrs: list[float], hp: dict[str, Any]) -> 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int) -> CosineLRScheduler:
     """Linear warmup from 0, then a half-cycle cosine to 0, per iteration, for every group from its own lr."""
-    return CosineLRScheduler(optimizer, t_initial=max(total_steps - warmup_steps, 1), lr_min=0.0, warmup_t=warmup_steps,
-                             warmup_lr_init=0.0, warmup_prefix=True, t_in_epochs=False)  # fmt: skip
+    return CosineLRScheduler(
+        optimizer,
+        t_initial=max(total_steps - warmup_steps, 1),
+        lr_min=0.0,
+        warmup_t=warmup_steps,
+        warmup_lr_init=0.0,
+        warmup_prefix=True,
+        t_in_epochs=False,
+    )
 
 
 def heads_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -208,7 +241,7 @@ def train_on_features(heads: LinearHeads, x: torch.Tensor, y: torch.Tensor, hp: 
     """
     batch = features_batch_size(len(x), hp["batch_size"])
     steps_per_epoch = len(x) // batch
-    lrs = [base * batch / 256 for base in hp["lr_grid"]]
+    lrs = [scaled_lr(base, batch) for base in hp["lr_grid"]]
     optimizer = make_optimizer(heads, lrs, hp)
     total = steps_per_epoch * hp["epochs"]
     scheduler = make_scheduler(optimizer, total, round(steps_per_epoch * hp["warmup_epochs"]))
@@ -230,15 +263,16 @@ def train_on_features(heads: LinearHeads, x: torch.Tensor, y: torch.Tensor, hp: 
     return {"batch_size_used": batch, "lrs": lrs, "steps": total}
 
 
-def train_augmented(heads: LinearHeads, encoder: nn.Module, loader: Any, hp: dict[str, Any], cfg: LinearConfig,
-                    accelerator: Any) -> dict[str, Any]:  # fmt: skip
+def train_augmented(
+    heads: LinearHeads, encoder: nn.Module, loader: Any, hp: dict[str, Any], cfg: LinearConfig, accelerator: Any
+) -> dict[str, Any]:
     """Train every head on random-resized-crop + flip views through the frozen encoder (all processes).
 
     ``loader`` yields ``collate_skipping`` batches of augmented images; ``heads`` and the optimizer go through
     ``accelerator.prepare`` here, so the heads are averaged over processes (DDP).
     """
     batch = loader.batch_size * accelerator.num_processes
-    lrs = [base * batch / 256 for base in hp["lr_grid"]]
+    lrs = [scaled_lr(base, batch) for base in hp["lr_grid"]]
     optimizer = make_optimizer(heads, lrs, hp)
     model, optimizer, loader = accelerator.prepare(heads, optimizer, loader)
     total = len(loader) * hp["epochs"]
@@ -270,9 +304,14 @@ def split_train_val(labels: torch.Tensor, fraction: float, seed: int) -> tuple[t
     return torch.from_numpy(train), torch.from_numpy(val)
 
 
-def linear_probe(train: Features, test: Features, num_classes: int, cfg: LinearConfig,
-                 augmented: dict[str, Any] | None = None, device: str | torch.device = "cpu"
-                 ) -> dict[str, Any]:  # fmt: skip
+def linear_probe(
+    train: Features,
+    test: Features,
+    num_classes: int,
+    cfg: LinearConfig,
+    augmented: dict[str, Any] | None = None,
+    device: str | torch.device = "cpu",
+) -> dict[str, Any]:
     """Train the grid of heads, pick the best on the held-out part of ``train``, report it on ``test``.
 
     Args:
@@ -292,8 +331,9 @@ def linear_probe(train: Features, test: Features, num_classes: int, cfg: LinearC
     heads = LinearHeads(x_train.shape[1], num_classes, len(hp["lr_grid"]), hp["batchnorm"]).to(device)
     if cfg.augment:
         accelerator = augmented["accelerator"]
-        used = train_augmented(heads, augmented["encoder"], augmented["loader_for"](train.indices[train_rows]), hp,
-                               cfg, accelerator)  # fmt: skip
+        used = train_augmented(
+            heads, augmented["encoder"], augmented["loader_for"](train.indices[train_rows]), hp, cfg, accelerator
+        )
         heads = accelerator.unwrap_model(heads).to(device)
     else:
         used = train_on_features(heads, x_train[train_rows.to(device)], y_train[train_rows.to(device)], hp)
@@ -307,7 +347,7 @@ def linear_probe(train: Features, test: Features, num_classes: int, cfg: LinearC
         "grid": [
             {"base_lr": b, "lr": lr, "val_top1": float(v[0]), "test_top1": float(t[0])}
             for b, lr, v, t in zip(hp["lr_grid"], used["lrs"], val_acc, test_acc)
-        ],  # fmt: skip
+        ],
     }
     metrics = {"top1": float(test_acc[best, 0]), "top5": float(test_acc[best, 1]), "val_top1": float(val_acc[best, 0])}
     hp.update(used, train_size=len(train_rows), val_size=len(val_rows), input_dim=x_train.shape[1])

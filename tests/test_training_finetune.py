@@ -1,4 +1,4 @@
-"""Tests for sslvit.evaluation.finetune: the classifier built from an encoder, the named recipes (MAE, DeiT),
+"""Tests for sslvit.training.finetune: the classifier built from an encoder, the named recipes (MAE, DeiT),
 repeated augmentation through Accelerate, tiny runs, their export and resume."""
 
 from __future__ import annotations
@@ -21,17 +21,16 @@ from sslvit.cli import guarded
 from sslvit.errors import CheckpointError, RecipeError
 from sslvit.evaluation.cli import run_finetune
 from sslvit.evaluation.features import open_labelled
-from sslvit.evaluation.finetune import (
+from sslvit.evaluation.load import load_encoder
+from sslvit.recipe import DataConfig, list_recipes
+from sslvit.training.finetune import (
     FinetuneConfig,
     _scheduler,
-    _train_loader,
     build_classifier,
     list_finetune_recipes,
     load_finetune_recipe,
-    train_transform,
 )
-from sslvit.evaluation.load import load_encoder
-from sslvit.recipe import DataConfig, list_recipes
+from sslvit.training.finetune_data import _train_loader, train_transform
 from tests.conftest import flags
 
 ROOT = Path(__file__).resolve().parents[1]
