@@ -95,7 +95,7 @@ def pretrain(
     # resume
     state = _resume(accelerator, checkpoint, init)
     if recipe.model.init and accelerator.is_main_process:
-        for line in describe_init(recipe.model.init, state.init):
+        for line in describe_init(recipe.model.init, init):  # init is None when resuming: the log says so
             log.info(line)
     vis_batch = _fixed_batch(dataset, recipe.log.num_images, accelerator.device, recipe.data.streaming)
     monitor = _knn_monitor(recipe, accelerator)
