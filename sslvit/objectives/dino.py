@@ -86,6 +86,7 @@ class DINOConfig:
     hidden_dim: int = 2048
     bottleneck_dim: int = 256
     norm_last_layer: bool = True
+    use_bn_in_head: bool = False  # [1]'s --use_bn_in_head: BatchNorm after the head's hidden layers
     freeze_last_layer: int = 1  # epochs during which the head's last layer gets no update
     momentum_teacher: float = 0.996  # cosine to 1 over training
     warmup_teacher_temp: float = 0.04
@@ -210,6 +211,7 @@ class DINO(Objective):
                 output_dim=self.cfg.out_dim,
                 freeze_last_layer=self.cfg.freeze_last_layer,
                 norm_last_layer=self.cfg.norm_last_layer,
+                batch_norm=self.cfg.use_bn_in_head,
             )
 
     @classmethod
