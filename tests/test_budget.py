@@ -16,6 +16,7 @@ from sslvit.errors import RecipeError
 from sslvit.recipe import load_recipe
 from sslvit.train import pretrain
 from tests.conftest import tiny_recipe
+from tests.test_distributed import SETTINGS
 
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = ["log.image_every=0", "train.checkpoint_every=1000", "log.every=10", "eval.knn_every=0"]
@@ -101,17 +102,10 @@ def test_budget_and_max_steps_are_exclusive_and_print_config_says_the_total_is_d
 
 def test_two_processes_agree_on_the_total(tmp_path):
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    fixed_length = ("train.max_steps", "train.checkpoint_every", "log.every")
     settings = [
-        "model.depth=2",
-        "model.embed_dim=64",
-        "model.num_heads=2",
-        "data.num_workers=0",
-        "train.global_batch_size=32",
-        "train.batch_size_per_device=16",
+        *(s for s in SETTINGS if not s.startswith(fixed_length)),
         "train.budget_minutes=0.25",
-        "log.image_every=0",
-        "objective.decoder_depth=1",
-        "train.precision=no",
         "eval.knn_every=0",
     ]
     cmd = [
