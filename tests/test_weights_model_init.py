@@ -58,7 +58,13 @@ def test_continued_mae_pretraining_at_48px_starts_from_the_32px_run(mae_run, tmp
 def test_dino_from_an_mae_checkpoint_starts_teacher_and_student_at_the_loaded_encoder(mae_run, tmp_path, caplog):
     caplog.set_level("INFO", logger="sslvit")
     checkpoint = latest_checkpoint(mae_run / "checkpoints")
-    overrides = [f"model.init={checkpoint}", "schedule.warmup_epochs=4", "train.max_steps=1", "log.image_every=0"]
+    overrides = [
+        f"model.init={checkpoint}",
+        "schedule.epochs=4",
+        "schedule.warmup_epochs=4",
+        "train.max_steps=1",
+        "log.image_every=0",
+    ]
     pretrain(tiny_recipe("quickstart_dino", *overrides), tmp_path / "dino")
     source = _exported(mae_run)
     state = load_file(str(latest_checkpoint(tmp_path / "dino" / "checkpoints") / "model.safetensors"))
