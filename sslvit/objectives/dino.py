@@ -99,6 +99,12 @@ class DINOConfig:
     local_crop_size: int = 96
     local_crops_scale: tuple[float, float] = (0.05, 0.4)
     local_crops_number: int = 8
+    # [1]'s DataAugmentationDINO probabilities (defaults); small grey data such as digits can switch pieces off.
+    hflip_prob: float = 0.5
+    color_jitter_prob: float = 0.8
+    gray_scale_prob: float = 0.2
+    blur_probs: tuple[float, float, float] = (1.0, 0.1, 0.5)  # first global, second global, each local crop
+    solarization_prob: float = 0.2  # second global crop only
     # Not in [1], off by default. DINOv2's ([2] below) pieces, for recipes that must learn in few steps:
     centering: Literal["ema", "sinkhorn_knopp"] = "ema"  # sinkhorn_knopp: [2]'s teacher targets, no EMA centre
     koleo_weight: float = 0.0  # > 0: + weight x KoLeo on the student's global-crop backbone features, as [2]
@@ -118,6 +124,9 @@ class DINOConfig:
             (self.local_crops_number >= 0, "objective.local_crops_number must be >= 0 (0 = no local crops)"),
             (self.koleo_weight >= 0, "objective.koleo_weight must be >= 0 (0 = off)"),
         ]  # fmt: skip
+        for key in ("hflip_prob", "color_jitter_prob", "gray_scale_prob", "solarization_prob"):
+            checks.append((0.0 <= getattr(self, key) <= 1.0, f"objective.{key} must be a probability in [0, 1]"))
+        checks.append((all(0.0 <= p <= 1.0 for p in self.blur_probs), "objective.blur_probs must be in [0, 1]"))
         for key in ("global_crops_scale", "local_crops_scale"):
             low, high = getattr(self, key)
             checks.append((0.0 < low <= high <= 1.0, f"objective.{key}=({low}, {high}) needs 0 < min <= max <= 1"))
@@ -219,7 +228,7 @@ class DINO(Objective):
         return {"dynamic_img_size": True}  # local crops are smaller than the model's image size
 
     def views(self) -> Callable[[Any], Any]:
-        """[1]'s ``DataAugmentationDINO`` through lightly's ``DINOTransform``, every probability pinned here.
+        """[1]'s ``DataAugmentationDINO`` through lightly's ``DINOTransform``, with the config's probabilities.
 
         lightly's colour jitter is ``cj_strength * (cj_bright, cj_contrast, cj_sat, cj_hue)`` = [1]'s
         (0.4, 0.4, 0.2, 0.1); its second global crop ignores ``cj_strength`` and uses the default 0.5, so 0.5 it is.
@@ -228,9 +237,10 @@ class DINO(Objective):
         return DINOTransform(
             global_crop_size=self.global_crop_size, global_crop_scale=cfg.global_crops_scale,
             local_crop_size=self.local_crop_size, local_crop_scale=cfg.local_crops_scale,
-            n_local_views=cfg.local_crops_number, hf_prob=0.5, vf_prob=0.0, rr_prob=0.0,
-            cj_prob=0.8, cj_strength=0.5, cj_bright=0.8, cj_contrast=0.8, cj_sat=0.4, cj_hue=0.2,
-            random_gray_scale=0.2, gaussian_blur=(1.0, 0.1, 0.5), sigmas=(0.1, 2.0), solarization_prob=0.2,
+            n_local_views=cfg.local_crops_number, hf_prob=cfg.hflip_prob, vf_prob=0.0, rr_prob=0.0,
+            cj_prob=cfg.color_jitter_prob, cj_strength=0.5, cj_bright=0.8, cj_contrast=0.8, cj_sat=0.4, cj_hue=0.2,
+            random_gray_scale=cfg.gray_scale_prob, gaussian_blur=cfg.blur_probs, sigmas=(0.1, 2.0),
+            solarization_prob=cfg.solarization_prob,
             normalize=IMAGENET_NORMALIZE,
         )  # fmt: skip
 
