@@ -76,6 +76,7 @@ class DataConfig:
 
     path: str = "digits"
     split: str = "train"
+    mix_splits: bool = False  # True: a data.path glob may match several splits' files (train-*, test-*)
     image_column: str = ""  # "" = the first Image feature of the dataset
     label_column: str = ""  # "" = the first ClassLabel feature, else a column named label/labels
     streaming: bool = False

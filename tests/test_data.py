@@ -1,8 +1,11 @@
-"""Tests for sslvit.data: every source, the robust decode, skipping bad files, streaming and the loader."""
+"""Tests for sslvit.data: every source, the robust decode, skipping bad files, symlinks followed once, explicit
+splits in globs, rows without a label, streaming and the loader."""
 
 from __future__ import annotations
 
 import io
+import logging
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -15,6 +18,7 @@ from lightly.transforms import MAETransform
 from PIL import Image
 
 from sslvit import data
+from sslvit.data import locate
 from sslvit.errors import DataError
 from sslvit.recipe import DataConfig
 
@@ -162,6 +166,84 @@ def test_flat_folder_is_unlabeled(tmp_path):
     assert source.description.endswith("3 images, unlabeled")
 
 
+def test_symlinks_are_followed_once_and_each_real_image_counted_once(tmp_path, caplog):
+    outside = tmp_path / "elsewhere"  # a class folder kept on another disk: followed
+    outside.mkdir()
+    for i in range(3):
+        (outside / f"o{i}.png").write_bytes(_solid(i))
+    root = tmp_path / "pets"
+    for cls, n in (("cat", 5), ("dog", 2)):
+        (root / cls / "deep").mkdir(parents=True)
+        for i in range(n):
+            (root / cls / ("deep" if i == 0 else "") / f"{cls}{i}.png").write_bytes(_solid(10 * i))
+    os.symlink(root / "cat", root / "cat" / "deep" / "loop")  # a loop: would be walked ~40 times deep
+    os.symlink(tmp_path, root / "cat" / "up")  # a folder that holds the data set: a loop too
+    os.symlink(root / "cat", root / "dog" / "cats")  # another class's folder: its images stay cats
+    os.symlink(root / "cat" / "cat1.png", root / "dog" / "same.png")  # an image counted already
+    (tmp_path / "loose.png").write_bytes(_solid(99))
+    os.symlink(tmp_path / "loose.png", root / "dog" / "linked.png")  # an image from outside: counted, once
+    os.symlink(tmp_path / "loose.png", root / "dog" / "linked_again.png")
+    os.symlink(outside, root / "fox")
+    cfg = DataConfig(path=str(root))
+    with caplog.at_level(logging.WARNING, logger="sslvit"):
+        source = data.open_source(cfg)
+    names = sorted(Path(f).name for f in source.files)
+    assert names == ["cat0.png", "cat1.png", "cat2.png", "cat3.png", "cat4.png", "dog0.png", "dog1.png"] + [
+        "linked.png",
+        "o0.png",
+        "o1.png",
+        "o2.png",
+    ]
+    assert len(source) == data.count_samples(cfg) == 11
+    labels = dict(zip((Path(f).name for f in source.files), source.labels.tolist()))
+    assert labels["cat4.png"] == 0 and labels["linked.png"] == 1 and labels["o0.png"] == 2  # fox
+    assert "11 images, 3 classes (5 symlinks to images or folders already counted not followed)" in source.description
+    assert "5 symlink(s) lead to a folder or an image already counted" in caplog.text
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    (flat / "a.png").write_bytes(_solid(1))
+    os.symlink(flat, flat / "again")  # the only folder in it: a loop, not a class
+    source = data.open_source(DataConfig(path=str(flat)))
+    assert len(source) == 1 and source.class_names is None and "(1 symlinks" in source.description
+    (root / "all").symlink_to(root)  # beside class folders: a loop, not a fourth class
+    assert data.open_source(cfg).class_names == ["cat", "dog", "fox"]
+
+
+def test_a_glob_over_several_splits_is_an_error_unless_asked_for(tmp_path):
+    _write_parquet(tmp_path, "train", [_solid(1), _solid(2), _solid(3)], [0, 1, 2])
+    _write_parquet(tmp_path, "test", [_solid(4)], [0])
+    with pytest.raises(DataError, match=r"matches the files of 2 splits \(test: 1 .*train: 1 .*data.mix_splits=true"):
+        data.open_source(DataConfig(path=str(tmp_path / "*.parquet")))
+    with pytest.raises(DataError, match="2 splits"):
+        data.count_samples(DataConfig(path=str(tmp_path / "*.parquet")))  # --print-config says it too
+    assert len(data.open_source(DataConfig(path=str(tmp_path / "train-*.parquet")))) == 3
+    assert len(data.open_source(DataConfig(path=str(tmp_path / "*.parquet"), mix_splits=True))) == 4
+    for split in ("train", "val"):  # split folders: the same rule
+        _write_parquet(tmp_path / "tables" / split, "part", [_solid(5)], [1])
+    with pytest.raises(DataError, match="2 splits"):
+        data.open_source(DataConfig(path=str(tmp_path / "tables" / "*" / "*.parquet")))
+    _write_parquet(tmp_path / "tables" / "val", "extra", [_solid(6)], [1])  # one split and unnamed files: fine
+    assert len(data.open_source(DataConfig(path=str(tmp_path / "tables" / "val" / "*.parquet")))) == 2
+
+
+@pytest.mark.parametrize("kind", ["classlabel", "int", "str"])
+def test_rows_without_a_label_are_counted_and_reported(tmp_path, caplog, kind):
+    labels = {"classlabel": [0, None, 2, -1, 1], "int": [3, None, 1, None, 0], "str": ["b", None, "a", "b", None]}
+    ds = Dataset.from_dict({"img": [{"bytes": _solid(v), "path": None} for v in range(5)], "label": labels[kind]})
+    ds = ds.cast_column("img", datasets.Image())
+    if kind == "classlabel":
+        ds = ds.cast_column("label", ClassLabel(names=["zero", "one", "two"]))
+    ds.to_parquet(str(tmp_path / "train-00000-of-00001.parquet"))
+    with caplog.at_level(logging.WARNING, logger="sslvit"):
+        source = data.open_source(DataConfig(path=str(tmp_path)))
+    expected = {"classlabel": [0, -1, 2, -1, 1], "int": [3, -1, 1, -1, 0], "str": [1, -1, 0, 1, -1]}[kind]
+    assert source.labels.tolist() == expected and source.unlabeled_rows == 2
+    names = {"classlabel": ["zero", "one", "two"], "int": ["0", "1", "2", "3"], "str": ["a", "b"]}[kind]
+    assert source.class_names == names  # no "nan" or "None" class
+    assert source.description.endswith("5 images, " + f"{len(names)} classes (2 rows without a label in 'label')")
+    assert "2 of 5 rows have no label in column 'label'" in caplog.text
+
+
 def test_missing_path_empty_folder_and_unreachable_hub_are_data_errors(tmp_path, monkeypatch):
     with pytest.raises(DataError, match=r"data.path /no/such/dir does not exist"):
         data.open_source(DataConfig(path="/no/such/dir"))
@@ -173,7 +255,7 @@ def test_missing_path_empty_folder_and_unreachable_hub_are_data_errors(tmp_path,
     def offline(*args, **kwargs):
         raise ConnectionError("Couldn't reach the Hub")
 
-    monkeypatch.setattr(data, "load_dataset", offline)  # no network here; don't wait for retries
+    monkeypatch.setattr(locate, "load_dataset", offline)  # no network here; don't wait for retries
     with pytest.raises(DataError, match="'someone/pets' .*Hub dataset id.*network"):
         data.open_source(DataConfig(path="someone/pets"))
 
