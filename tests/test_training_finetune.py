@@ -220,3 +220,15 @@ def test_deit_small_data_runs_end_to_end_with_every_augmentation_on(encoder_dir,
     assert report["model_dir"] == str(model_dir)
     model = timm.create_model(f"local-dir:{model_dir}", pretrained=True).eval()
     assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_accumulation_takes_the_scheduled_steps_and_leaves_out_an_epochs_partial_step(encoder_dir, tmp_path):
+    # 64 images in batches of 16 are 4 micro-batches: with accum_steps=3 an epoch is one step of 48 images, as in
+    # pretraining (the fourth micro-batch is left out, not stepped on at a third of the gradient past the schedule)
+    out = tmp_path / "ft.json"
+    sets = ["epochs=2", "warmup_epochs=0", "accum_steps=3"]
+    argv = flags(encoder=encoder_dir, **DIGITS, limit_train=64, json_out=out, output_dir=tmp_path / "ft", set=sets)
+    assert guarded(run_finetune, argv) == 0
+    hyper = json.loads(out.read_text())["hyperparameters"]
+    assert (hyper["global_batch_size"], hyper["steps_per_epoch"], hyper["total_steps"]) == (48, 1, 2)
+    assert sorted(p.name for p in (tmp_path / "ft" / "checkpoints").iterdir()) == ["step_00000001", "step_00000002"]

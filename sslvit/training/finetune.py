@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import pkgutil
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -44,10 +45,12 @@ from timm.scheduler import CosineLRScheduler
 from sslvit.accel import make_accelerator
 from sslvit.checkpoint import export_encoder, latest_checkpoint, save_checkpoint
 from sslvit.data import ImageSource
-from sslvit.errors import CheckpointError, DataError, RecipeError
+from sslvit.errors import CheckpointError, RecipeError
 from sslvit.evaluation.features import eval_loader
 from sslvit.recipe import RECIPE_PACKAGE, DataConfig, load_recipe_file
+from sslvit.training.accumulate import Forward, MicroBatches, accumulate_gradients
 from sslvit.training.finetune_data import _train_loader
+from sslvit.training.loop import micro_batches
 from sslvit.training.schedules import plan_batch
 from sslvit.training.state import resume_latest
 from sslvit.views import eval_transform
@@ -205,31 +208,49 @@ def evaluate(model: torch.nn.Module, loader: Any, accelerator: Accelerator, num_
 
 
 def _train_epoch(
-    accelerator, model, loader, optimizer, scheduler, criterion, mixup, cfg, step: int
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    batches: MicroBatches,
+    steps: int,
+    optimizer: torch.optim.Optimizer,
+    scheduler: CosineLRScheduler,
+    forward: Forward,
+    cfg: FinetuneConfig,
+    step: int,
+    where: str,
 ) -> tuple[int, float]:
-    """One epoch; returns the optimisation step count after it and the mean loss."""
-    losses = []
-    for batch in loader:
+    """``steps`` optimisation steps over ``batches``, accumulated as pretraining does; returns (step, mean loss)."""
+    losses, skipped = [], Counter()
+    for _ in range(steps):
+        scheduler.step_update(step)
+        _, outputs, bad = accumulate_gradients(accelerator, model, batches, cfg.accum_steps, forward, where)
+        if cfg.clip_grad:
+            accelerator.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        losses.append(outputs["loss"])
+        skipped.update(bad)
+    if skipped and accelerator.is_main_process:
+        reasons = ", ".join(f"{reason}: {n}" for reason, n in skipped.most_common())
+        log.warning("finetune: skipped %d undecodable training image(s) this epoch (%s)", skipped.total(), reasons)
+    mean = float(accelerator.reduce(torch.stack(losses).mean(), "mean")) if losses else math.nan
+    return step, mean
+
+
+def _classification_loss(accelerator: Accelerator, model: torch.nn.Module, criterion, mixup: Mixup | None) -> Forward:
+    """The fine-tuning forward on one micro-batch: Mixup/CutMix (on an even batch), the classifier, the criterion."""
+
+    def forward(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         images, labels = batch["views"], batch["labels"]
-        if images is None:  # raise rather than skip: under DDP every process must take every step
-            raise DataError("every image of a training batch failed to decode; check the data")
         if mixup is not None and len(images) % 2:  # a skipped image left an odd batch: Mixup pairs need an even one
             images, labels = images[:-1], labels[:-1]
         if mixup is not None:
             images, labels = mixup(images, labels)
-        with accelerator.accumulate(model):
-            scheduler.step_update(step)
-            with accelerator.autocast():
-                loss = criterion(model(images), labels)
-            accelerator.backward(loss)
-            if cfg.clip_grad and accelerator.sync_gradients:
-                accelerator.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        step += int(accelerator.sync_gradients)
-        losses.append(loss.detach())
-    mean = float(accelerator.reduce(torch.stack(losses).mean(), "mean")) if losses else math.nan
-    return step, mean
+        with accelerator.autocast():
+            return {"loss": criterion(model(images), labels)}
+
+    return forward
 
 
 def finetune(
@@ -255,9 +276,8 @@ def finetune(
         ``history`` (per epoch), ``model_dir``, ``resumed_from_epoch``.
     """
     cfg.validate()
-    accelerator = make_accelerator(
+    accelerator = make_accelerator(  # accumulation is the loop's, as in pretraining (training.accumulate)
         mixed_precision=cfg.precision,
-        gradient_accumulation_steps=cfg.accum_steps,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
     )
     set_seed(cfg.seed)
@@ -279,13 +299,15 @@ def finetune(
         data_cfg,
         accelerator,
     )
-    scheduler = _scheduler(optimizer, cfg, len(loader) // cfg.accum_steps, derived)
-    criterion, mixup = criterion_and_mixup(cfg, num_classes)
+    steps_per_epoch = len(loader) // cfg.accum_steps  # an epoch ends on a whole step: the rest is left out
+    scheduler = _scheduler(optimizer, cfg, steps_per_epoch, derived)
+    forward = _classification_loss(accelerator, model, *criterion_and_mixup(cfg, num_classes))
     start_epoch, step, history = _resume(accelerator, out_dir / "checkpoints", identity["sha256"])
+    batches = micro_batches(accelerator, loader, False, start_epoch, 0, steps_per_epoch * cfg.accum_steps)
     model.train()
     for epoch in range(start_epoch, cfg.epochs):
-        loader.set_epoch(epoch)
-        step, loss = _train_epoch(accelerator, model, loader, optimizer, scheduler, criterion, mixup, cfg, step)
+        args = (optimizer, scheduler, forward, cfg, step, data_cfg.path)
+        step, loss = _train_epoch(accelerator, model, batches, steps_per_epoch, *args)
         history.append({"epoch": epoch + 1, "loss": loss, **evaluate(model, test_loader, accelerator, num_classes)})
         log.info("finetune epoch %d/%d: loss %.4f, test top1 %.2f", epoch + 1, cfg.epochs, loss, history[-1]["top1"])
         state = {"epoch": epoch + 1, "step": step, "history": history, "encoder_sha256": identity["sha256"]}

@@ -61,7 +61,7 @@ def _train_loader(
     With ``cfg.repeated_aug`` > 1, timm's ``RepeatAugSampler`` (DeiT's ``RASampler``) draws each epoch: a shuffle,
     each image repeated ``repeated_aug`` times in a row, cut to the dataset's length rounded down to 256 images.
     """
-    images = Subset(TransformedImages(source, train_transform(img_size, cfg)), indices.tolist())
+    images = _Images(TransformedImages(source, train_transform(img_size, cfg)), indices.tolist())
     loader = make_loader(
         images, cfg.batch_size_per_device, shuffle=cfg.repeated_aug == 1, drop_last=True, cfg=data_cfg, seed=cfg.seed
     )
@@ -73,6 +73,17 @@ def _train_loader(
             f"{world_size} process(es) x {cfg.accum_steps}; lower --batch-size"
         )
     return loader
+
+
+class _Images(Subset):
+    """``Subset`` with the ``set_epoch`` that the training loop's :func:`~sslvit.training.loop.micro_batches` calls.
+
+    The fine-tuning augmentations are not seeded per sample (``TransformedImages`` without a seed), so the epoch
+    changes nothing in them; resume is at epoch boundaries, where the sampler's seed makes the order exact.
+    """
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.set_epoch(epoch)
 
 
 class _SeededRepeatAugSampler(RepeatAugSampler):
