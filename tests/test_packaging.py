@@ -20,6 +20,7 @@ def test_wheel_ships_the_recipes_and_resolves_them_by_name(tmp_path):
     zipfile.ZipFile(wheel).extractall(target)
     probe = (
         "import sslvit, sys; from sslvit.recipe import load_recipe, list_recipes;"
+        "import sslvit.cli, sslvit.data, sslvit.evaluation.cli, sslvit.train, sslvit.weights;"  # every subpackage ships
         "assert sslvit.__file__.startswith(sys.argv[1]), sslvit.__file__;"
         "print(load_recipe('mae_vit_l').model.name, 'quickstart' in list_recipes())"
     )
