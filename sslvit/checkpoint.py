@@ -24,6 +24,7 @@ from sslvit.weights.run import (
     complete_checkpoints,
     latest_checkpoint,
     read_trainer_state,
+    step_of,
 )
 
 # timm's data config of every export (local-dir and Hub): our preprocessing, not the defaults of the timm weights
@@ -55,27 +56,35 @@ def save_checkpoint(accelerator: Any, root: Path, step: int, keep: int, state: d
     if accelerator.is_main_process:
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
-        for old in complete_checkpoints(root)[:-keep]:
+        # rotate among the checkpoints up to this step: a newer one (left out as damaged when the run resumed) is
+        # replaced when training reaches its step, and never removed in place of a good one
+        for old in [c for c in complete_checkpoints(root) if step_of(c) <= step][:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
 
 
-def load_checkpoint(accelerator: Any, checkpoint: Path) -> dict[str, Any]:
+DAMAGED_ADVICE = (
+    "If the checkpoint is damaged, delete that folder to resume from the one before, or use a new --output-dir"
+)
+
+
+def load_checkpoint(accelerator: Any, checkpoint: Path, advice: str = DAMAGED_ADVICE) -> dict[str, Any]:
     """Restore the full training state from ``checkpoint``; return its trainer state.
 
     Everything is read with safetensors or ``torch.load(weights_only=True)`` (Accelerate's default), so a
     file crafted to run code when unpickled is refused instead of executed.
+
+    Raises:
+        CheckpointError: "cannot resume from CHECKPOINT: what failed", then ``advice`` ("" for none).
     """
     try:
         accelerator.load_state(str(checkpoint))
+        return read_trainer_state(checkpoint)
     except (pickle.UnpicklingError, RuntimeError, OSError, KeyError, ValueError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(
-            f"cannot resume from {checkpoint}: {first_line}. If the checkpoint is damaged, delete that folder "
-            "to resume from the one before, or use a new --output-dir"
-        ) from err
-    return read_trainer_state(checkpoint)
+        message = f"cannot resume from {checkpoint}: {first_line}"
+        raise CheckpointError(f"{message}. {advice}" if advice else message) from err
 
 
 def export_encoder(encoder: torch.nn.Module, architecture: str, args: dict[str, Any], out_dir: Path) -> Path:

@@ -151,6 +151,8 @@ class TrainConfig:
     keep_checkpoints: int = 3
     max_bad_steps: int = 20  # stop after this many non-finite steps in a row (each is skipped)
     seed: int = 0
+    # these signals stop the run after the current step with a checkpoint, exit code 75 (sslvit.training.signals)
+    stop_signals: str = "SIGTERM,SIGUSR1,SIGINT"
 
     def validate(self) -> None:
         _check(self.batch_size_per_device > 0, "train.batch_size_per_device must be positive")

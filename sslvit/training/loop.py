@@ -27,7 +27,8 @@ from sslvit.errors import DataError, TrainingDiverged
 from sslvit.objectives import Progress
 from sslvit.recipe import Derived, Recipe
 from sslvit.training.schedules import apply_schedules
-from sslvit.training.state import StepResult, Trainer
+from sslvit.training.signals import stop_requested
+from sslvit.training.state import SkipCounts, StepResult, Trainer
 
 log = logging.getLogger("sslvit")
 
@@ -54,8 +55,11 @@ def optimisation_step(trainer: Trainer, batches: MicroBatches, step: int) -> Ste
     accelerator = trainer.accelerator
     grad_norm = accelerator.clip_grad_norm_(trainer.model.parameters(), recipe.optim.clip_grad or math.inf)
     finite = torch.isfinite(grad_norm) & torch.isfinite(outputs["loss"])
-    if accelerator.num_processes > 1:
-        finite = accelerator.reduce(finite.float(), reduction="sum") == accelerator.num_processes
+    stop = stop_requested() is not None
+    if accelerator.num_processes > 1:  # the same all-reduce carries the stop request: all stop after this step
+        flags = torch.stack([finite.float(), torch.tensor(float(stop), device=finite.device)])
+        good, asked = accelerator.reduce(flags, reduction="sum").tolist()
+        finite, stop = good == accelerator.num_processes, asked > 0
     finite = bool(finite)  # the one host sync per step: the guard against NaN/Inf needs it
     if finite or accelerator.scaler is not None:
         optimizer.step()
@@ -64,7 +68,7 @@ def optimisation_step(trainer: Trainer, batches: MicroBatches, step: int) -> Ste
     # the objective's state (EMA teacher, centre) follows good steps only
     if finite:
         scheduled.update(objective.after_step(progress))
-    return StepResult(epoch, outputs, grad_norm, finite, scheduled, skipped)
+    return StepResult(epoch, outputs, grad_norm, finite, scheduled, skipped, stop)
 
 
 def _accumulate_gradients(trainer: Trainer, batches: MicroBatches) -> tuple[int, dict[str, torch.Tensor], Counter]:
@@ -75,7 +79,12 @@ def _accumulate_gradients(trainer: Trainer, batches: MicroBatches) -> tuple[int,
     for i in range(accum):
         epoch, batch = next(batches)
         if batch["views"] is None:
-            raise DataError("every image of a batch failed to decode; check the data (see the skipped counts)")
+            failed = Counter(batch["skipped"])
+            reasons = ", ".join(f"{reason}: {n}" for reason, n in failed.most_common())
+            raise DataError(
+                f"every image of a batch failed to decode ({failed.total()} skipped: {reasons}); check the images "
+                f"at data.path={trainer.recipe.data.path}"
+            )
         skipped.update(batch["skipped"])
         sync = i == accum - 1 or accelerator.num_processes == 1
         with contextlib.nullcontext() if sync else accelerator.no_sync(model):
@@ -125,13 +134,27 @@ def _epoch_batches(accelerator: Accelerator, loader: Any, epoch: int, skip: int,
     return itertools.islice(batches, per_epoch - skip)
 
 
-def report_skipped(accelerator: Accelerator, skipped: Counter, epoch: int, step: int) -> None:
-    """Say how many samples were skipped so far (all processes) and why (main process's reasons)."""
-    total = int(accelerator.reduce(torch.tensor(sum(skipped.values()), device=accelerator.device), "sum"))
-    accelerator.log({"data/skipped": total}, step=step)
-    if total and accelerator.is_main_process:
-        reasons = ", ".join(f"{reason}: {n}" for reason, n in skipped.most_common())
-        log.warning("epoch %d: skipped %d undecodable sample(s) (%s on the main process)", epoch, total, reasons)
+def report_skipped(accelerator: Accelerator, skipped: SkipCounts, epoch: int, step: int, ended: bool) -> None:
+    """Say how many samples epoch ``epoch`` (0-based) skipped (all processes) and why (the main process's reasons),
+    and how many the run skipped in all; ``ended``: the epoch is over, so its count moves into the total.
+
+    A collective: every process calls it at the same step.
+    """
+    this_epoch = skipped.epoch_count(accelerator)
+    total = skipped.total_before + this_epoch
+    accelerator.log({"data/skipped": this_epoch, "data/skipped_total": total}, step=step)
+    if this_epoch and accelerator.is_main_process:
+        reasons = ", ".join(f"{reason}: {n}" for reason, n in skipped.reasons.most_common()) or "none here"
+        log.warning(
+            "epoch %d%s: skipped %d undecodable sample(s) (%s on the main process); %d in all so far",
+            epoch + 1,
+            "" if ended else " (so far)",
+            this_epoch,
+            reasons,
+            total,
+        )
+    if ended:
+        skipped.end_epoch(this_epoch)
 
 
 class LogWindow:

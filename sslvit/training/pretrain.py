@@ -2,17 +2,19 @@
 
 One code path from a laptop CPU to many GPUs: Accelerate handles devices, DDP/FSDP, mixed precision, checkpoint
 state and the TensorBoard tracker. :func:`pretrain` reads top to bottom: build -> resume -> (time budget) -> the
-loop (for each step: schedules, forward/backward, optimizer, objective hooks, log, checkpoint) -> export.
+loop (for each step: schedules, forward/backward, optimizer, objective hooks, log, checkpoint) -> export. The run
+folder's lock (:mod:`sslvit.runlock`), the choice of checkpoint (:mod:`~sslvit.training.resume`) and stopping on a
+signal (:mod:`~sslvit.training.signals`) live in their own modules.
 """
 
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
 import logging
+import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -29,20 +31,34 @@ from sslvit.checkpoint import export_encoder, save_checkpoint
 from sslvit.errors import DataError, RecipeError
 from sslvit.objectives import OBJECTIVES, Objective
 from sslvit.recipe import Derived, Recipe, derive, resolved_json
+from sslvit.runlock import check_output_dir, hold_run_folder
 from sslvit.training.loop import LogWindow, handle_bad_step, micro_batches, optimisation_step, report_skipped
-from sslvit.training.state import LoopCallback, Trainer, TrainState, resume_latest
+from sslvit.training.monitoring import Monitor, fixed_batch, knn_monitor, log_images
+from sslvit.training.resume import refuse_another_model, resumable_checkpoints, resume
+from sslvit.training.signals import (
+    INTERRUPTED_EXIT_CODE,
+    STOPPED_EXIT_CODE,
+    RunStopped,
+    ignore_in_workers,
+    parse_stop_signals,
+    stop_on_signals,
+    stop_requested,
+)
+from sslvit.training.state import LoopCallback, Trainer, TrainState
 from sslvit.weights import RunFolder, describe_init, init_weights
 
 log = logging.getLogger("sslvit")
 
 STREAM_SHUFFLE_BUFFER = 10_000  # images held for shuffling a streamed dataset (the usual webdataset-style size)
-Monitor = Callable[..., dict[str, float]]  # the online k-NN: (encoder, step, log_it=True) -> values to log
 
 
 def pretrain(
     recipe: Recipe, run_dir: Path, started: float | None = None, callback: LoopCallback | None = None
 ) -> dict[str, Any]:
-    """Pretrain ``recipe`` into ``run_dir``; resume from its newest checkpoint if there is one.
+    """Pretrain ``recipe`` into ``run_dir``; resume from its newest checkpoint that loads, if there is one.
+
+    The main process holds the run folder's lock (:mod:`sslvit.runlock`) until the end. A signal named in
+    ``train.stop_signals`` stops the run after the current step with a checkpoint (:mod:`sslvit.training.signals`).
 
     Args:
         started: when the run began (``time.time()``), for ``train.budget_minutes``: the command line passes the
@@ -52,23 +68,49 @@ def pretrain(
     Returns:
         A summary: steps, images/s, final loss, the run folder and the export folder, ``timing`` (seconds of
         startup, training and the final export) and, with a budget, the ``budget`` plan.
+
+    Raises:
+        RunStopped: a stop signal arrived (a ``SystemExit``: exit code 75 after a checkpoint, 130 after a second
+            Ctrl-C).
     """
     started = time.time() if started is None else started
     recipe.validate()
+    stop_signals = parse_stop_signals(recipe.train.stop_signals)
     derive(recipe, launched_world_size(), None)  # a batch that does not split over the processes fails before any work
-    # build: accelerator, objective, data, optimizer
+    check_output_dir(run_dir)  # a file, or a folder that cannot be written: before the model and the data
     accelerator = make_accelerator(
         mixed_precision=recipe.train.precision,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=recipe.train.seed),
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir)),
         log_with="tensorboard",
     )
+    with hold_run_folder(accelerator, run_dir), stop_on_signals(stop_signals, accelerator.is_main_process):
+        try:
+            return _pretrain(recipe, accelerator, RunFolder(run_dir), started, callback or LoopCallback(), stop_signals)
+        except KeyboardInterrupt:  # a second Ctrl-C: stop now, as one line
+            newest = RunFolder(run_dir).latest_checkpoint()
+            message = f"interrupted: stopped at once; the newest checkpoint is {newest or 'none (none written yet)'}"
+            if accelerator.is_main_process:
+                log.warning(message)
+            raise RunStopped(INTERRUPTED_EXIT_CODE, message) from None
+
+
+def _pretrain(
+    recipe: Recipe,
+    accelerator: Accelerator,
+    run: RunFolder,
+    started: float,
+    callback: LoopCallback,
+    stop_signals: list[signal.Signals],
+) -> dict[str, Any]:
+    """:func:`pretrain` once the run folder is locked: build -> resume -> (time budget) -> the loop -> export."""
     set_seed(recipe.train.seed)
-    run = RunFolder(run_dir)
-    checkpoint = run.latest_checkpoint()  # looked up once: fresh start or resume
+    checkpoints = resumable_checkpoints(accelerator, run)  # looked up once: fresh start or resume
     objective, encoder = build_objective(recipe)
+    if checkpoints:  # another model's checkpoint is refused before anything in the folder is written
+        refuse_another_model(run, checkpoints[0], recipe, objective)
     # model.init: at a fresh start only, after the objective (which may re-initialise the encoder it wraps)
-    init = init_weights(recipe.model.init, encoder, objective) if recipe.model.init and checkpoint is None else None
+    init = init_weights(recipe.model.init, encoder, objective) if recipe.model.init and not checkpoints else None
     dataset, description, num_samples = _open_data(recipe, objective, accelerator)
     derived = derive(recipe, accelerator.num_processes, num_samples)
     if num_samples is not None and not derived.steps_per_epoch:
@@ -85,6 +127,7 @@ def pretrain(
         cfg=recipe.data,
         seed=recipe.train.seed,
     )
+    ignore_in_workers(loader, stop_signals)  # a signal to the process group must not kill a loader worker
     optimizer = make_optimizer(objective, recipe, derived)
     prefer_math_attention(objective, accelerator.device, recipe.train.precision)
     if recipe.data.streaming:  # already split over processes by the stream itself: Accelerate must not re-shard it
@@ -93,12 +136,12 @@ def pretrain(
         model, optimizer, loader = accelerator.prepare(objective, optimizer, loader)
     accelerator.init_trackers("tensorboard", config=_hparams(recipe, derived))
     # resume
-    state = _resume(accelerator, checkpoint, init)
+    state = resume(accelerator, checkpoints, init)
     if recipe.model.init and accelerator.is_main_process:
         for line in describe_init(recipe.model.init, init):  # init is None when resuming: the log says so
             log.info(line)
-    vis_batch = _fixed_batch(dataset, recipe.log.num_images, accelerator.device, recipe.data.streaming)
-    monitor = _knn_monitor(recipe, accelerator)
+    vis_batch = fixed_batch(dataset, recipe.log.num_images, accelerator.device, recipe.data.streaming)
+    monitor = knn_monitor(recipe, accelerator)
     trainer = Trainer(accelerator, model, optimizer, recipe, derived)
     # time budget: fix the total now (or keep the checkpoint's)
     if recipe.train.budget_minutes:
@@ -109,8 +152,17 @@ def pretrain(
             run.config_file.write_text(resolved_json(recipe, trainer.derived) + "\n")
     # train
     training_began = time.time()
-    summary = _train_loop(trainer, loader, run, state, vis_batch, monitor, callback or LoopCallback())
+    summary, stopped = _train_loop(trainer, loader, run, state, vis_batch, monitor, callback)
     training_ended = time.time()
+    if stopped is not None:  # a stop signal: the checkpoint is written, no export (the run is not finished)
+        accelerator.end_training()
+        message = (
+            f"{stopped}: stopped after step {state.step} and saved {run.latest_checkpoint()}; run the same command "
+            f"to resume (exit code {STOPPED_EXIT_CODE})"
+        )
+        if accelerator.is_main_process:
+            log.warning(message)
+        raise RunStopped(STOPPED_EXIT_CODE, message)
     # export the encoder
     if accelerator.is_main_process:
         info = _encoder_info(trainer.objective, recipe)
@@ -124,7 +176,7 @@ def pretrain(
         "total_s": time.time() - started,
     }
     extra = {"budget": state.budget} if state.budget is not None else {}
-    return {**summary, "run_dir": str(run_dir), "encoder": str(run.encoder), "timing": timing, **extra}
+    return {**summary, "run_dir": str(run.root), "encoder": str(run.encoder), "timing": timing, **extra}
 
 
 def _train_loop(
@@ -135,8 +187,12 @@ def _train_loop(
     vis_batch: dict[str, Any] | None,
     monitor: Monitor | None,
     callback: LoopCallback,
-) -> dict[str, Any]:
-    """Steps ``state.step .. total``: one optimisation step, then the log, images, k-NN and checkpoint it is due."""
+) -> tuple[dict[str, Any], str | None]:
+    """Steps ``state.step .. total``: one optimisation step, then the log, images, k-NN and checkpoint it is due.
+
+    Returns:
+        The summary, and the stop signal's name when one stopped the loop early (after a checkpoint), else None.
+    """
     accelerator, recipe, derived, objective = trainer.accelerator, trainer.recipe, trainer.derived, trainer.objective
     encoder_info = _encoder_info(objective, recipe)
     total, accum = derived.total_steps, derived.grad_accum_steps
@@ -147,13 +203,14 @@ def _train_loop(
     batches = micro_batches(accelerator, loader, recipe.data.streaming, state.epoch, skip, spe * accum)
     window = LogWindow(accelerator, recipe, derived, state.step, state.last_log)
     trainer.model.train()
-    while state.step < total:
+    stopped = None
+    while state.step < total and stopped is None:
         callback.on_step_start(state.step)
         result = optimisation_step(trainer, batches, state.step)
-        state.skipped.update(result.skipped)
         if result.epoch != state.epoch:  # the first micro-batch of a new epoch: report the one that ended
-            report_skipped(accelerator, state.skipped, state.epoch, state.step)
+            report_skipped(accelerator, state.skipped, state.epoch, state.step, ended=True)
             state.epoch = result.epoch
+        state.skipped.add(result.skipped)
         state.bad_in_a_row = 0 if result.finite else state.bad_in_a_row + 1
         if not result.finite:
             handle_bad_step(accelerator, recipe, run.root, state.step, state.bad_in_a_row)
@@ -163,17 +220,22 @@ def _train_loop(
         window.add(step, result)
         if recipe.log.image_every and vis_batch is not None and (step % recipe.log.image_every == 0 or step == total):
             with _timed(callback, "images"):
-                _log_images(accelerator, objective, vis_batch, step)
+                log_images(accelerator, objective, vis_batch, step)
         if monitor is not None and (step % recipe.eval.knn_every == 0 or step == total):
             with _timed(callback, "knn"):
                 window.last.update(monitor(objective.encoder_for_export(), step))
-        if step % recipe.train.checkpoint_every == 0 or step == total:
+        if result.stop and step < total:  # every process saw the request in this step's all-reduce
+            stopped = stop_requested() or "a stop signal to another process"
+        if step % recipe.train.checkpoint_every == 0 or step == total or stopped:
             state.last_log = window.last
-            saved = state.to_checkpoint(recipe.name, accelerator.num_processes, encoder_info)
+            saved = state.to_checkpoint(
+                recipe.name, accelerator.num_processes, encoder_info, state.skipped.epoch_count(accelerator)
+            )
             with _timed(callback, "checkpoint"):
                 save_checkpoint(accelerator, run.checkpoints, step, recipe.train.keep_checkpoints, saved)
-    report_skipped(accelerator, state.skipped, state.epoch, state.step)
-    return window.close(state.step, state.step - first_step)
+    if stopped is None:
+        report_skipped(accelerator, state.skipped, state.epoch, state.step, ended=state.step % spe == 0)
+    return window.close(state.step, state.step - first_step), stopped
 
 
 @contextlib.contextmanager
@@ -324,58 +386,6 @@ def _hparams(recipe: Recipe, derived: Derived) -> dict[str, Any]:
     return flat
 
 
-def _resume(accelerator: Accelerator, checkpoint: Path | None, init: Any) -> TrainState:
-    """The state to start from: the checkpoint's (restored into the prepared objects), else a fresh one."""
-    saved = resume_latest(accelerator, checkpoint)
-    if saved is None:
-        return TrainState(init=init)
-    if accelerator.is_main_process:
-        log.info("resuming from %s (step %d)", checkpoint, saved["step"])
-        written_by = saved.get("world_size", accelerator.num_processes)
-        if written_by != accelerator.num_processes:
-            log.warning(
-                "the checkpoint was written by %d process(es) and resumes on %d: weights, optimizer and schedules "
-                "are restored, but the data order (and the random masks) change from here on",
-                written_by,
-                accelerator.num_processes,
-            )
-    return TrainState.from_checkpoint(saved)
-
-
-def _fixed_batch(dataset: Any, n: int, device: torch.device, streaming: bool) -> dict[str, Any] | None:
-    """The same few images for every visualisation, so TensorBoard shows progress on fixed inputs."""
-    items = list(itertools.islice(dataset, n)) if streaming else [dataset[i] for i in range(min(n, len(dataset)))]
-    batch = data.collate_skipping(items)
-    if batch["views"] is None:
-        return None
-    views = batch["views"]
-    batch["views"] = [v.to(device) for v in views] if isinstance(views, list) else views.to(device)
-    return batch
-
-
-def _knn_monitor(recipe: Recipe, accelerator: Accelerator) -> Monitor | None:
-    """The online k-NN monitor (``eval.knn_every``), its data opened now so a mistake fails before training."""
-    if not recipe.eval.knn_every:
-        return None
-    from sslvit.evaluation.features import open_labelled
-    from sslvit.evaluation.knn import knn_eval
-
-    cfg = replace(recipe.data, path=recipe.eval.data or recipe.data.path, streaming=False, num_workers=0)
-    train, test, _ = open_labelled(cfg, recipe.eval.train_split, recipe.eval.test_split or None)
-    limits = {"limit_train": recipe.eval.limit_train, "limit_test": recipe.eval.limit_test}
-
-    def run(encoder: torch.nn.Module, step: int, log_it: bool = True) -> dict[str, float]:
-        result = knn_eval(encoder, train, test, ks=(recipe.eval.k,), accelerator=accelerator, data_cfg=cfg, **limits)
-        if not log_it:  # timed by the budget probe
-            return {}
-        accelerator.log({"knn/top1": result["top1"], "knn/top5": result["top5"]}, step=step)
-        if accelerator.is_main_process:
-            log.info("step %d: k-NN (k=%d) top1 %.2f%%, top5 %.2f%%", step, result["k"], result["top1"], result["top5"])
-        return {"knn_top1": result["top1"], "knn_top5": result["top5"]}
-
-    return run
-
-
 def _encoder_info(objective: Objective, recipe: Recipe) -> dict[str, Any]:
     """What evaluation needs to rebuild the exported encoder from a training checkpoint, objective-free."""
     encoder = objective.encoder_for_export()
@@ -386,16 +396,3 @@ def _encoder_info(objective: Objective, recipe: Recipe) -> dict[str, Any]:
         "encoder_prefix": f"{prefix}.",
         "input_size": [3, recipe.model.img_size, recipe.model.img_size],  # a CNN's model_args cannot hold it
     }
-
-
-def _log_images(accelerator: Accelerator, objective: Objective, batch: dict[str, Any], step: int) -> None:
-    """Log the objective's visualisations of the fixed batch (main process only, eval mode, no grad)."""
-    if not accelerator.is_main_process:
-        return
-    objective.eval()
-    with torch.no_grad(), accelerator.autocast():
-        images = objective.visualize(batch)
-    objective.train()
-    writer = accelerator.get_tracker("tensorboard", unwrap=True)
-    for tag, image in images.items():
-        writer.add_image(tag, image.float().clamp(0, 1).cpu(), step)

@@ -53,11 +53,51 @@ class StepResult:
     finite: bool  # False: loss or gradient norm was NaN/Inf and the weights were left untouched
     scheduled: dict[str, float]  # lr, weight decay and the objective's schedule values, for the log
     skipped: Counter[str]  # samples that failed to decode in these micro-batches, by reason
+    stop: bool = False  # a process was asked to stop (train.stop_signals): every process stops after this step
+
+
+@dataclass
+class SkipCounts:
+    """Samples that failed to decode: this epoch's and the run's, over all processes.
+
+    ``here`` counts this process's skips not yet summed over the processes; :meth:`epoch_count` sums them (a
+    collective: every process calls it at the same step). A checkpoint stores the sums, so a run resumed in the middle
+    of an epoch still reports that whole epoch. ``reasons`` are this process's (the log shows the main process's).
+    """
+
+    here: Counter[str] = field(default_factory=Counter)
+    epoch_before: int = 0  # this epoch, all processes, summed before a resume
+    total_before: int = 0  # the epochs before this one, all processes
+    reasons: Counter[str] = field(default_factory=Counter)  # this epoch, this process, by reason
+
+    def add(self, skipped: dict[str, int]) -> None:
+        self.here.update(skipped)
+        self.reasons.update(skipped)
+
+    def epoch_count(self, accelerator: Accelerator) -> int:
+        """This epoch's skips so far over all processes (every process must call it)."""
+        here = torch.tensor(sum(self.here.values()), device=accelerator.device)
+        return int(accelerator.reduce(here, "sum")) + self.epoch_before
+
+    def end_epoch(self, epoch_count: int) -> None:
+        """The epoch that ended had ``epoch_count`` skips: add them to the total, start the next epoch at zero."""
+        self.total_before += epoch_count
+        self.here, self.reasons, self.epoch_before = Counter(), Counter(), 0
+
+    def to_checkpoint(self, epoch_count: int) -> dict[str, Any]:
+        return {"epoch": epoch_count, "total": self.total_before, "reasons": dict(self.reasons)}
+
+    @classmethod
+    def from_checkpoint(cls, saved: dict[str, Any] | None, main_process: bool) -> SkipCounts:
+        saved = saved or {}
+        reasons = Counter(saved.get("reasons", {})) if main_process else Counter()
+        return cls(epoch_before=saved.get("epoch", 0), total_before=saved.get("total", 0), reasons=reasons)
 
 
 @dataclass
 class TrainState:
-    """Where a pretraining run is; the first five fields are stored in every checkpoint's ``trainer_state.json``."""
+    """Where a pretraining run is; the first five fields and ``skipped`` are stored in every checkpoint's
+    ``trainer_state.json``."""
 
     step: int = 0  # optimisation steps done
     epoch: int = 0
@@ -65,17 +105,28 @@ class TrainState:
     init: Any = None  # what ``model.init`` loaded at the fresh start (sslvit.weights.describe_init)
     budget: dict[str, Any] | None = None  # the ``train.budget_minutes`` plan, kept by a resumed run
     bad_in_a_row: int = 0  # non-finite steps in a row (train.max_bad_steps stops the run)
-    skipped: Counter[str] = field(default_factory=Counter)  # undecodable samples so far, by reason
+    skipped: SkipCounts = field(default_factory=SkipCounts)  # undecodable samples, this epoch and in all
 
     @classmethod
-    def from_checkpoint(cls, saved: dict[str, Any]) -> TrainState:
-        """The state a checkpoint's trainer state records."""
+    def from_checkpoint(cls, saved: dict[str, Any], main_process: bool = True) -> TrainState:
+        """The state a checkpoint's trainer state records (``main_process``: whether to take its skip reasons)."""
+        skipped = SkipCounts.from_checkpoint(saved.get("skipped"), main_process)
         return cls(
-            saved["step"], saved.get("epoch", 0), saved.get("last_log", {}), saved.get("init"), saved.get("budget")
+            saved["step"],
+            saved.get("epoch", 0),
+            saved.get("last_log", {}),
+            saved.get("init"),
+            saved.get("budget"),
+            skipped=skipped,
         )
 
-    def to_checkpoint(self, recipe_name: str, world_size: int, encoder_info: dict[str, Any]) -> dict[str, Any]:
-        """The trainer state to store: this state, the run's recipe and world size, the encoder's identity."""
+    def to_checkpoint(
+        self, recipe_name: str, world_size: int, encoder_info: dict[str, Any], skipped_this_epoch: int = 0
+    ) -> dict[str, Any]:
+        """The trainer state to store: this state, the run's recipe and world size, the encoder's identity.
+
+        ``skipped_this_epoch``: :meth:`SkipCounts.epoch_count` at this step (summed over processes).
+        """
         saved = {
             "step": self.step,
             "epoch": self.epoch,
@@ -83,6 +134,7 @@ class TrainState:
             "world_size": world_size,
             "last_log": self.last_log,
             "init": self.init,
+            "skipped": self.skipped.to_checkpoint(skipped_this_epoch),
             **encoder_info,
         }
         return {**saved, "budget": self.budget} if self.budget is not None else saved

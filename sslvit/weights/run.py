@@ -8,18 +8,22 @@ Layout of a run folder (``runs/<recipe>`` unless ``--output-dir``)::
     RUN/encoder/                     config.json + model.safetensors in timm's ``local-dir:`` layout
 
 A checkpoint counts once its ``trainer_state.json`` is there: :mod:`sslvit.checkpoint` writes every folder under a
-temporary name and renames it when complete, so a half-written one is never picked.
+temporary name and renames it when complete, so a half-written one is never picked. A complete one can still be
+damaged later (a truncated copy, a full disk on another tool's write): :func:`checkpoint_problem` says what is wrong
+with one without loading it, so that resume can walk back to the newest checkpoint that loads.
 """
 
 from __future__ import annotations
 
 import json
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 CHECKPOINT_PREFIX = "step_"
 TRAINER_STATE = "trainer_state.json"
+RNG_STATE = "random_states_{}.pkl"  # Accelerate's per-process RNG file
 
 
 def checkpoint_name(step: int) -> str:
@@ -31,9 +35,10 @@ def complete_checkpoints(root: Path) -> list[Path]:
     """Complete checkpoints under ``root``, oldest first (temporary folders are ignored)."""
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)]
+    named = (p for p in root.iterdir() if p.name.startswith(CHECKPOINT_PREFIX))
+    found = [p for p in named if p.is_dir() and p.name.removeprefix(CHECKPOINT_PREFIX).isdigit()]
     found = [p for p in found if (p / TRAINER_STATE).is_file()]
-    return sorted(found, key=lambda p: int(p.name.removeprefix(CHECKPOINT_PREFIX)))
+    return sorted(found, key=step_of)
 
 
 def latest_checkpoint(root: Path) -> Path | None:
@@ -45,6 +50,59 @@ def latest_checkpoint(root: Path) -> Path | None:
 def read_trainer_state(checkpoint: Path) -> dict[str, Any]:
     """The checkpoint's ``trainer_state.json``: step, the encoder's architecture, model_args and key prefix, ..."""
     return json.loads((checkpoint / TRAINER_STATE).read_text())
+
+
+def step_of(checkpoint: Path) -> int:
+    """The step a checkpoint folder's name records: ``step_00001000`` -> 1000."""
+    return int(checkpoint.name.removeprefix(CHECKPOINT_PREFIX))
+
+
+def checkpoint_problem(checkpoint: Path) -> str | None:
+    """What is wrong with a complete checkpoint, found without loading it (None: it looks whole).
+
+    Checks that ``trainer_state.json`` is a JSON object with an integer ``step``, that every ``.safetensors`` file's
+    header parses and covers the file (a truncated copy does not), that every ``.bin``/``.pkl``/``.pt`` file (torch's
+    zip format) has its central directory (it is at the end: truncation removes it), and that the RNG file of every
+    process that wrote the checkpoint is there (without it a resume would not be exact).
+    """
+    try:
+        state = json.loads((checkpoint / TRAINER_STATE).read_text())
+    except (OSError, ValueError) as err:
+        return f"{TRAINER_STATE} is unreadable ({_first_line(err)})"
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        return f"{TRAINER_STATE} records no step"
+    files = sorted(p for p in checkpoint.iterdir() if p.is_file())
+    weights = [p for p in files if p.suffix == ".safetensors"]
+    if not weights and not any(p.name.startswith("pytorch_model") for p in files):
+        return "it holds no model weights (model.safetensors)"
+    for path in weights:
+        problem = _safetensors_problem(path)
+        if problem:
+            return f"{path.name} is damaged ({problem})"
+    for path in (p for p in files if p.suffix in (".bin", ".pkl", ".pt")):
+        if not zipfile.is_zipfile(path):
+            return f"{path.name} is damaged (truncated or not a torch file)"
+    world_size = state.get("world_size", 1)
+    missing = [RNG_STATE.format(i) for i in range(world_size if isinstance(world_size, int) else 1)]
+    missing = [name for name in missing if not (checkpoint / name).is_file()]
+    if missing:
+        return f"{', '.join(missing)} missing (the random state: resuming from it would not be exact)"
+    return None
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt"):
+            return None
+    except (SafetensorError, OSError, ValueError) as err:
+        return _first_line(err)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 @dataclass(frozen=True)
@@ -65,6 +123,11 @@ class RunFolder:
     @property
     def config_file(self) -> Path:
         return self.root / "config.json"
+
+    @property
+    def lock_file(self) -> Path:
+        """Present while a run writes the folder (:mod:`sslvit.runlock`)."""
+        return self.root / "run.lock"
 
     def latest_checkpoint(self) -> Path | None:
         """The newest complete checkpoint, or None."""
