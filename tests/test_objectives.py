@@ -35,6 +35,14 @@ TINY = {
         "objective.local_crops_number=2",
         *extra,
     ),
+    "ibot": lambda *extra: tiny_recipe(
+        "quickstart_ibot",
+        "objective.out_dim=64",
+        "objective.hidden_dim=32",
+        "objective.bottleneck_dim=16",
+        "objective.local_crops_number=2",
+        *extra,
+    ),
     "simsiam": lambda *extra: _simsiam_recipe(*extra),
 }
 HOOKS = ("before_step", "after_backward", "after_step")

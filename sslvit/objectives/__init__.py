@@ -2,8 +2,9 @@
 
 from sslvit.objectives.base import Objective, Progress
 from sslvit.objectives.dino import DINO, DINOConfig
+from sslvit.objectives.ibot import IBOT, IBOTConfig
 from sslvit.objectives.mae import MAE, MAEConfig
 
-OBJECTIVES: dict[str, type[Objective]] = {"mae": MAE, "dino": DINO}
+OBJECTIVES: dict[str, type[Objective]] = {"mae": MAE, "dino": DINO, "ibot": IBOT}
 
-__all__ = ["OBJECTIVES", "DINO", "DINOConfig", "MAE", "MAEConfig", "Objective", "Progress"]
+__all__ = ["OBJECTIVES", "DINO", "DINOConfig", "IBOT", "IBOTConfig", "MAE", "MAEConfig", "Objective", "Progress"]
