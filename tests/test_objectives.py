@@ -35,6 +35,7 @@ TINY = {
         "objective.local_crops_number=2",
         *extra,
     ),
+    "mocov3": lambda *extra: tiny_recipe("quickstart_mocov3", "objective.mlp_dim=32", "objective.out_dim=16", *extra),
     "ibot": lambda *extra: tiny_recipe(
         "quickstart_ibot",
         "objective.out_dim=64",

@@ -4,7 +4,20 @@ from sslvit.objectives.base import Objective, Progress
 from sslvit.objectives.dino import DINO, DINOConfig
 from sslvit.objectives.ibot import IBOT, IBOTConfig
 from sslvit.objectives.mae import MAE, MAEConfig
+from sslvit.objectives.mocov3 import MoCoV3, MoCoV3Config
 
-OBJECTIVES: dict[str, type[Objective]] = {"mae": MAE, "dino": DINO, "ibot": IBOT}
+OBJECTIVES: dict[str, type[Objective]] = {"mae": MAE, "dino": DINO, "ibot": IBOT, "mocov3": MoCoV3}
 
-__all__ = ["OBJECTIVES", "DINO", "DINOConfig", "IBOT", "IBOTConfig", "MAE", "MAEConfig", "Objective", "Progress"]
+__all__ = [
+    "OBJECTIVES",
+    "DINO",
+    "DINOConfig",
+    "IBOT",
+    "IBOTConfig",
+    "MAE",
+    "MAEConfig",
+    "MoCoV3",
+    "MoCoV3Config",
+    "Objective",
+    "Progress",
+]
