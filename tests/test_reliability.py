@@ -259,3 +259,71 @@ def test_corrupt_images_are_skipped_counted_and_logged_during_pretraining(tmp_pa
     events = EventAccumulator(str(tmp_path / "run" / "tensorboard")).Reload()
     assert [e.value for e in events.Scalars("data/skipped")] == [2]
     assert any("skipped 2 undecodable sample(s)" in r.message for r in caplog.records)
+
+
+def _image_folder(folder: Path, good: int, bad: int) -> Path:
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir()
+    for i in range(good):
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(
+            folder / f"{i}.png"
+        )
+    for i in range(bad):
+        (folder / f"bad{i}.png").write_bytes(b"not a png " * i)
+    return folder
+
+
+def test_skip_counts_are_per_epoch_with_a_running_total(tmp_path, caplog):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from sslvit.train import pretrain
+    from tests.conftest import tiny_recipe
+
+    folder = _image_folder(tmp_path / "images", 29, 3)  # 32 files = 2 steps of 16 per epoch, 3 bad in each epoch
+    caplog.set_level("WARNING", logger="sslvit")
+    recipe = tiny_recipe("quickstart", f"data.path={folder}", "train.max_steps=6", "log.image_every=0",
+                         "train.checkpoint_every=3", "schedule.epochs=3", "schedule.warmup_epochs=0")  # fmt: skip
+    pretrain(recipe, tmp_path / "run")
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard")).Reload()
+    assert [e.value for e in events.Scalars("data/skipped")] == [3, 3, 3]
+    assert [e.value for e in events.Scalars("data/skipped_total")] == [3, 6, 9]
+    lines = [r.message for r in caplog.records if "undecodable" in r.message]
+    assert [line.split(":")[0] for line in lines] == ["epoch 1", "epoch 2", "epoch 3"]
+    assert lines[-1].endswith("9 in all so far") and "skipped 3 undecodable sample(s)" in lines[-1]
+
+
+def test_a_resume_in_the_middle_of_an_epoch_keeps_that_epochs_count(tmp_path, caplog):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from sslvit.train import pretrain
+    from tests.conftest import tiny_recipe
+
+    folder = _image_folder(tmp_path / "images", 29, 3)
+    base = [
+        f"data.path={folder}",
+        "log.image_every=0",
+        "train.checkpoint_every=1",
+        "schedule.epochs=2",
+        "schedule.warmup_epochs=0",
+    ]
+    pretrain(tiny_recipe("quickstart", *base, "train.max_steps=3"), tmp_path / "run")  # stops mid epoch 2
+    pretrain(tiny_recipe("quickstart", *base, "train.max_steps=4"), tmp_path / "run")
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard")).Reload()
+    by_step = {e.step: e.value for e in events.Scalars("data/skipped_total")}
+    assert by_step[4] == 6  # epoch 2's skips before the resume are not lost
+
+
+def test_a_batch_in_which_every_image_fails_names_the_counts(tmp_path):
+    from sslvit.errors import DataError
+    from sslvit.train import pretrain
+    from tests.conftest import tiny_recipe
+
+    folder = _image_folder(tmp_path / "images", 0, 16)
+    recipe = tiny_recipe("quickstart", f"data.path={folder}", "train.max_steps=1", "log.image_every=0")
+    with pytest.raises(
+        DataError,
+        match=r"every image of a batch failed to decode \(16 skipped: not an image: 15, empty file: 1\); check",
+    ):
+        pretrain(recipe, tmp_path / "run")
