@@ -88,6 +88,9 @@ def _count(recipe) -> int | None:
         return count_samples(recipe.data) if recipe.data.path else None
     except DataError:
         return None
+    except Exception as err:  # a damaged file (pyarrow, PIL, ...): --print-config still prints, the count unknown
+        logging.getLogger("sslvit").warning("cannot count the images of data.path=%s: %s", recipe.data.path, err)
+        return None
 
 
 def run_export(argv: list[str] | None = None) -> int:
@@ -96,6 +99,8 @@ def run_export(argv: list[str] | None = None) -> int:
     parser.add_argument("--hub-repo", metavar="ORG/NAME", help="push the encoder to this Hugging Face Hub repo")
     parser.add_argument("--hub-dir", metavar="DIR", help="write the exact folder --hub-repo would push, offline")
     parser.add_argument("--onnx", metavar="FILE", help="also export to ONNX and check it with onnxruntime")
+    parser.add_argument("--license", metavar="ID", help="the license the Hub card and config state, e.g. cc-by-4.0")
+    parser.add_argument("--force", action="store_true", help="--hub-dir may overwrite files sslvit did not write")
     args = parser.parse_args(argv)
     from sslvit import export
 
@@ -103,10 +108,10 @@ def run_export(argv: list[str] | None = None) -> int:
         out = export.export_run(Path(args.run_dir))
         print(f"wrote {out}: load it with timm.create_model('local-dir:{out}', pretrained=True)")
     if args.hub_dir:
-        out = export.write_hub_folder(Path(args.run_dir), Path(args.hub_dir))
+        out = export.write_hub_folder(Path(args.run_dir), Path(args.hub_dir), args.license, args.force)
         print(f"wrote {out} (what --hub-repo pushes): timm.create_model('local-dir:{out}', pretrained=True)")
     if args.hub_repo:
-        print(f"pushed to {export.push_to_hub(Path(args.run_dir), args.hub_repo)}")
+        print(f"pushed to {export.push_to_hub(Path(args.run_dir), args.hub_repo, args.license)}")
     if args.onnx:
         result = export.export_onnx(Path(args.run_dir), Path(args.onnx))
         print(f"wrote {result['onnx']} ({result['output']}); max |onnxruntime - torch| = {result['max_abs_diff']:.3g}")

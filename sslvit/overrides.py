@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from typing import Any, Literal
@@ -118,3 +119,86 @@ def _switch_objective(current: Any, name: str) -> Any:
     if name not in OBJECTIVES:
         raise RecipeError(f"objective.name={name!r} is not an objective; known objectives: {', '.join(OBJECTIVES)}")
     return current if current.name == name else OBJECTIVES[name].Config()
+
+
+# ------------------------------------------------------------------------------------ the whole-recipe checks
+
+# An int field named like these is a size (a width, a depth, a head count, an image or crop side): it must be >= 1.
+SIZE_FIELD = re.compile(r"(^|_)(dim|depth|num_heads|img_size|patch_size|crop_size)$")
+
+
+def check_types(config: Any, prefix: str = "") -> None:
+    """Check that every field of a (nested) dataclass holds a value of its annotated type.
+
+    ``--set`` parses values by type already; a recipe file is Python and can hold anything (``img_size="32"``).
+
+    Raises:
+        RecipeError: naming the first field whose value has the wrong type.
+    """
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        key, value = f"{prefix}{f.name}", getattr(config, f.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            check_types(value, f"{key}.")
+            continue
+        if not _fits(value, hints.get(f.name, Any)):
+            raise RecipeError(
+                f"recipe field {key} holds {value!r} ({type(value).__name__}), not {_type_name(hints[f.name])}"
+            )
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether ``value`` is of type ``hint`` (an int passes for a float; a bool is no number)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if origin is Literal:
+        return value in args
+    if origin is tuple:
+        if not isinstance(value, tuple | list):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_fits(v, args[0]) for v in value)
+        return len(value) == len(args) and all(_fits(v, a) for v, a in zip(value, args))
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(hint, type):
+        return isinstance(value, hint)
+    return True  # an annotation this check does not know: left to the section's own validate
+
+
+def _type_name(hint: Any) -> str:
+    return hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
+
+
+def check_bounds(config: Any, prefix: str = "") -> None:
+    """The bounds every section shares, by naming convention, so that a new objective's fields get them too.
+
+    - an int field named ``*_dim``, ``*depth``, ``*num_heads``, ``*img_size``, ``*patch_size`` or ``*crop_size`` is a
+      size: >= 1 (None, where allowed, keeps a default);
+    - ``P_num_heads`` divides ``P_embed_dim`` (``num_heads``/``embed_dim``, ``decoder_num_heads``/...);
+    - every float is finite.
+
+    Raises:
+        RecipeError: naming the first field out of bounds.
+    """
+    values = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    for name, value in values.items():
+        key = f"{prefix}{name}"
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            check_bounds(value, f"{key}.")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise RecipeError(f"{key}={value} must be a finite number")
+        elif SIZE_FIELD.search(name) and isinstance(value, int) and not isinstance(value, bool) and value < 1:
+            raise RecipeError(f"{key}={value} is a size and must be >= 1")
+    for name, heads in values.items():
+        width = values.get(name.removesuffix("num_heads") + "embed_dim")
+        if name.endswith("num_heads") and isinstance(heads, int) and isinstance(width, int) and width % heads:
+            stem = f"{prefix}{name.removesuffix('num_heads')}"
+            raise RecipeError(f"{stem}embed_dim={width} is not divisible by {stem}num_heads={heads}")

@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 from sslvit.errors import RecipeError
 from sslvit.overrides import apply_overrides as apply_overrides  # re-exported: sslvit.recipe.apply_overrides
+from sslvit.overrides import check_bounds, check_types
 from sslvit.training.schedules import plan_batch
 
 
@@ -48,6 +49,10 @@ class ModelConfig:
 
     def validate(self) -> None:
         _check(self.img_size > 0 and self.patch_size > 0, "model.img_size and model.patch_size must be positive")
+        for key in ("depth", "embed_dim", "num_heads"):
+            value = getattr(self, key)
+            _check(value is None or value >= 1, f"model.{key}={value} must be >= 1 (or None: the architecture's own)")
+        _check_patches(self.img_size, self.patch_size, self.embed_dim)
         _check(
             not self.init.startswith(("hf-hub:", "hf_hub:", "timm/")),
             f"model.init={self.init} needs the network; download the weights file and set model.init to its path",
@@ -64,6 +69,35 @@ class ModelConfig:
                 self.embed_dim % self.num_heads == 0,
                 f"model.embed_dim={self.embed_dim} is not divisible by model.num_heads={self.num_heads}",
             )
+
+
+MAX_PATCHES = 65536  # a 256 x 256 patch grid: 4096 px at patch 16; far beyond any published ViT recipe
+
+
+def _check_patches(img_size: int, patch_size: int, embed_dim: int | None) -> None:
+    """An image-size ceiling: an absurd model.img_size would otherwise try to allocate hundreds of GB in timm."""
+    side = img_size // patch_size
+    patches = side * side
+    if patches <= MAX_PATCHES:
+        return
+    width = embed_dim or 768  # ViT-B's width when the architecture's own is kept
+    pos_embed = (patches + 1) * width * 4  # bytes, fp32
+    attention = patches * patches * 4  # bytes of one head's attention map for one image, fp32
+    raise RecipeError(
+        f"model.img_size={img_size} at model.patch_size={patch_size} makes {side}x{side} = {patches:,} patches per "
+        f"image, above the ceiling of {MAX_PATCHES:,} (e.g. {int(MAX_PATCHES**0.5) * patch_size} px at this patch "
+        f"size): the position embedding alone would take {_bytes(pos_embed)} (width {width}, fp32) and one attention "
+        f"map {_bytes(attention)} per head and image; use a smaller model.img_size or a larger model.patch_size"
+    )
+
+
+def _bytes(n: float) -> str:
+    """``3.2e11`` -> ``"298 GiB"``."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024 or unit == "PiB":
+            return f"{n:.3g} {unit}"
+        n /= 1024
+    return f"{n:.3g} PiB"
 
 
 @dataclass
@@ -115,6 +149,7 @@ class OptimConfig:
         _check(self.base_lr > 0, "optim.base_lr must be positive")
         _check(self.min_lr >= 0 and self.warmup_start_lr >= 0, "optim.min_lr and optim.warmup_start_lr must be >= 0")
         _check(self.weight_decay >= 0, "optim.weight_decay must be >= 0")
+        _check(self.weight_decay_end is None or self.weight_decay_end >= 0, "optim.weight_decay_end must be >= 0")
         _check(all(0.0 <= b < 1.0 for b in self.betas), "optim.betas must both be in [0, 1)")
         _check(self.clip_grad >= 0, "optim.clip_grad must be >= 0 (0 disables clipping)")
 
@@ -132,6 +167,9 @@ class ScheduleConfig:
             0 <= self.warmup_epochs <= self.epochs,
             f"schedule.warmup_epochs={self.warmup_epochs} must be between 0 and schedule.epochs={self.epochs}",
         )
+
+
+MAX_SEED = 2**32 - 1  # numpy's seeds (and so the data order) take 32 bits
 
 
 @dataclass
@@ -167,6 +205,7 @@ class TrainConfig:
         _check(self.checkpoint_every > 0, "train.checkpoint_every must be positive")
         _check(self.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1")
         _check(self.max_bad_steps >= 1, "train.max_bad_steps must be >= 1")
+        _check(0 <= self.seed <= MAX_SEED, f"train.seed={self.seed} must be between 0 and 2**32 - 1 = {MAX_SEED}")
 
 
 @dataclass
@@ -220,7 +259,14 @@ class Recipe:
     name: str = ""
 
     def validate(self) -> None:
-        """Raise :class:`RecipeError` naming the first field that holds an impossible value."""
+        """Raise :class:`RecipeError` naming the first field that holds an impossible value.
+
+        One pass over the whole recipe: every field's type first (a recipe file is Python, so ``img_size="32"``
+        gets this far), then the bounds every section shares by naming convention (sizes are positive, heads
+        divide widths, numbers are finite: :func:`~sslvit.overrides.check_bounds`), then each section's own checks.
+        """
+        check_types(self)
+        check_bounds(self)
         sections = (self.model, self.objective, self.data, self.optim, self.schedule, self.train, self.log, self.eval)
         for section in sections:
             section.validate()
@@ -279,7 +325,10 @@ def load_recipe_file(name_or_path: str, kind: type, known: list[str], what: str)
             raise RecipeError(f"{what} file {name_or_path} does not exist")
         spec = importlib.util.spec_from_file_location(f"sslvit_user_recipe_{path.stem}", path)
         module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        try:
+            spec.loader.exec_module(module)
+        except Exception as err:  # the user's own Python: any error in it is a mistake in that file
+            raise RecipeError(f"{what} file {name_or_path} failed to load: {_where(err, path)}") from err
     else:
         if name_or_path not in known:
             raise RecipeError(f"unknown {what} {name_or_path!r}; known: {', '.join(known)}")
@@ -288,6 +337,17 @@ def load_recipe_file(name_or_path: str, kind: type, known: list[str], what: str)
     if not isinstance(recipe, kind):
         raise RecipeError(f"{what} file {module.__file__} must define RECIPE = {kind.__name__}(...)")
     return path.stem, copy.deepcopy(recipe)
+
+
+def _where(err: Exception, path: Path) -> str:
+    """``TypeError: ... (line 12)``: the error and the line of ``path`` it came from."""
+    line = getattr(err, "lineno", None)  # a SyntaxError knows its line
+    tb = err.__traceback__
+    while tb is not None:
+        if Path(tb.tb_frame.f_code.co_filename).resolve() == path.resolve():
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    return f"{type(err).__name__}: {str(err).strip()[:200]}" + (f" (line {line})" if line else "")
 
 
 # ----------------------------------------------------------------------------------------- derived values

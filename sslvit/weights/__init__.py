@@ -13,7 +13,7 @@ Arrows: this package sits below ``train``, ``checkpoint``, ``export`` and ``eval
 from sslvit.weights.fit import Fit, build_model, create_model, fit_state_dict, resample_pos_embed
 from sslvit.weights.model_init import describe_init, init_weights
 from sslvit.weights.run import RunFolder, latest_checkpoint, read_trainer_state
-from sslvit.weights.sources import EncoderWeights, file_sha256, resolve, state_sha256
+from sslvit.weights.sources import EncoderWeights, file_sha256, read_run, resolve, share_by_umask, state_sha256
 
 __all__ = [
     "EncoderWeights",
@@ -26,8 +26,10 @@ __all__ = [
     "fit_state_dict",
     "init_weights",
     "latest_checkpoint",
+    "read_run",
     "read_trainer_state",
     "resample_pos_embed",
     "resolve",
+    "share_by_umask",
     "state_sha256",
 ]

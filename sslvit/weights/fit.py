@@ -46,8 +46,10 @@ def create_model(architecture: str, model_args: dict[str, Any], input_size: Sequ
     overlay = {"input_size": tuple(input_size)} if input_size else None
     try:
         return timm.create_model(architecture, pretrained=False, pretrained_cfg_overlay=overlay, **model_args)
-    except TypeError as e:
-        raise CheckpointError(f"timm cannot build {architecture} with {model_args}: {e}") from e
+    except (TypeError, ValueError, RuntimeError, AssertionError, ZeroDivisionError) as e:
+        # the arguments come from a file (an export's config.json, a trainer_state.json): wrong ones fail in timm
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise CheckpointError(f"timm cannot build {architecture} with {model_args}: {first}") from e
 
 
 def build_model(
@@ -102,7 +104,12 @@ def fit_state_dict(
         CheckpointError: one message listing every other missing key, unexpected key and shape mismatch.
     """
     own = model.state_dict()
-    state, resampled = _resample(model, own, state)
+    try:
+        state, resampled = _resample(model, own, state)
+    except (RuntimeError, ValueError) as e:  # e.g. a pos_embed of one position: nothing to interpolate from
+        shapes = {k: tuple(state[k].shape) for k in ("pos_embed", PATCH_KERNEL) if k in state}
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise CheckpointError(f"{what}: cannot resample {shapes} to fit {target} ({first})") from e
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     bad_missing = [k for k in missing if not k.startswith(new_ok)]
     bad_unexpected = [k for k in unexpected if not k.startswith(ignore_ok)]
@@ -115,7 +122,10 @@ def fit_state_dict(
             f"{what}{shape_hint(state)} does not fit {target}: {_listing('missing keys', bad_missing)}; "
             f"{_listing('unexpected keys', bad_unexpected)}; {_listing('shape mismatches (file vs model)', shapes)}"
         )
-    model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+    try:
+        model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+    except RuntimeError as e:  # shapes were checked above; what remains is e.g. a dtype that cannot be copied
+        raise CheckpointError(f"{what} does not load into {target}: {str(e).strip()[:200]}") from e
     return Fit(loaded=len(own) - len(missing), resampled=resampled, new=missing, ignored=unexpected)
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from sslvit.errors import CheckpointError
 from sslvit.weights.fit import fit_state_dict, shape_hint
 from sslvit.weights.sources import DROPPED_PREFIXES, resolve
 
@@ -31,7 +32,10 @@ def init_weights(spec: str, encoder: torch.nn.Module, owner: torch.nn.Module) ->
     Raises:
         CheckpointError: the spec names nothing loadable, or its weights do not fit the encoder.
     """
-    weights = resolve(spec, key="model.init")
+    try:
+        weights = resolve(spec, key="model.init")
+    except CheckpointError as err:  # say which recipe field named the file
+        raise CheckpointError(str(err) if str(err).startswith("model.init") else f"model.init={spec}: {err}") from err
     copies = [m for m in owner.modules() if m is not encoder and _is_copy(m, encoder)]
     target = f"the recipe's model{shape_hint(encoder.state_dict())}"
     fit = fit_state_dict(encoder, weights.state, f"model.init={spec}", target, ignore_ok=DROPPED_PREFIXES)

@@ -15,6 +15,11 @@ A source (``--encoder``, ``model.init``, the run that ``sslvit export`` writes o
 
 Files are read with safetensors or ``torch.load(weights_only=True)`` (only ``argparse.Namespace``, which both
 official repos store as ``args``, is allowed beyond tensors): nothing else is ever unpickled.
+
+Every read goes through :func:`reading`, the one place where a failure to read a file (a text file, an empty or
+truncated ``.safetensors``, a pickle of arbitrary objects, an empty ``trainer_state.json``) becomes one
+:class:`~sslvit.errors.CheckpointError` naming the file and what is wrong with it. A run folder whose export or newest
+checkpoint cannot be read falls back to the newest one that can, with a warning naming what was skipped and why.
 """
 
 from __future__ import annotations
@@ -22,8 +27,11 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import math
-import pickle
+import os
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,8 +42,9 @@ from safetensors.torch import load_file
 
 from sslvit.errors import CheckpointError
 from sslvit.weights.fit import PATCH_KERNEL, build_model, create_model, vit_depth
-from sslvit.weights.run import TRAINER_STATE, RunFolder, read_trainer_state
+from sslvit.weights.run import TRAINER_STATE, RunFolder, complete_checkpoints, read_trainer_state
 
+log = logging.getLogger("sslvit.weights")
 LOCAL_DIR = "local-dir:"
 DROPPED_PREFIXES = ("decoder_", "mask_token", "head.", "fc_norm.")  # MAE decoder, DINO projection head, classifiers
 # embed_dim -> (size name, depth, num_heads) of the standard ViTs, for reading the shape of a bare weights file
@@ -64,6 +73,7 @@ class EncoderWeights:
     input_size: list[int] | None = None  # the recorded training resolution (a CNN's model_args cannot hold it)
     run: RunFolder | None = None  # the sslvit run folder it lives in, if any
     ignored: list[str] = field(default_factory=list)  # tensors of the source that are not the encoder's
+    step: int | None = None  # the optimisation step of a training checkpoint (None: not recorded)
 
     def build(self, what: str | None = None) -> torch.nn.Module:
         """The encoder these weights describe, built by the one builder (:func:`~sslvit.weights.fit.build_model`).
@@ -115,46 +125,94 @@ def resolve(
     )
 
 
-def locate_folder(path: Path) -> tuple[Path, str, RunFolder | None]:
-    """The folder that holds an encoder's weights in ``path`` -> ``(folder, "export" | "checkpoint", run)``.
-
-    Raises:
-        CheckpointError: ``path`` is no run folder, export or checkpoint.
-    """
-    run = RunFolder(path)
+def folder_kind(path: Path) -> str | None:
+    """``"checkpoint"`` (it has a ``trainer_state.json``), ``"export"`` (config.json + model.safetensors) or None."""
     if (path / TRAINER_STATE).is_file():
-        return path, "checkpoint", RunFolder.of(path)
+        return "checkpoint"
     if (path / "model.safetensors").is_file() and (path / "config.json").is_file():
-        return path, "export", RunFolder.of(path)
-    if (run.encoder / "model.safetensors").is_file():
-        return locate_folder(run.encoder)
-    checkpoint = run.latest_checkpoint()
-    if checkpoint is not None:
-        return locate_folder(checkpoint)
-    raise CheckpointError(
-        f"{path} holds no encoder: expected a run folder (encoder/ or checkpoints/step_*), an encoder export "
-        "(config.json + model.safetensors) or a checkpoint folder (trainer_state.json)"
-    )
+        return "export"
+    return None
+
+
+def run_candidates(run: RunFolder, checkpoints_only: bool = False) -> list[Path]:
+    """Where a run folder's encoder can be read, best first: ``encoder/``, then the checkpoints, newest first."""
+    export = [] if checkpoints_only or not (run.encoder / "model.safetensors").is_file() else [run.encoder]
+    return [*export, *reversed(complete_checkpoints(run.checkpoints))]
 
 
 def read_folder(path: Path) -> EncoderWeights:
-    """The encoder tensors of a run folder, an export or a checkpoint (the objective's other tensors ignored)."""
-    folder, kind, run = locate_folder(path)
+    """The encoder tensors of a run folder, an export or a checkpoint (the objective's other tensors ignored).
+
+    An export or checkpoint named directly is read as it is; a run folder gives the newest readable of its
+    export and checkpoints (:func:`read_run`).
+
+    Raises:
+        CheckpointError: ``path`` holds no encoder, or nothing in it can be read.
+    """
+    return read_encoder_folder(path) if folder_kind(path) else read_run(RunFolder(path))
+
+
+def read_run(run: RunFolder, checkpoints_only: bool = False) -> EncoderWeights:
+    """The newest readable encoder of ``run`` (see :func:`run_candidates`); unreadable ones are skipped with a warning.
+
+    Raises:
+        CheckpointError: there is no candidate, or none can be read (each one's reason is listed).
+    """
+    candidates = run_candidates(run, checkpoints_only)
+    if not candidates and checkpoints_only:
+        raise CheckpointError(f"{run.root} has no complete checkpoint under checkpoints/; is it an sslvit run folder?")
+    if not candidates:
+        raise CheckpointError(
+            f"{run.root} holds no encoder: expected a run folder (encoder/ or checkpoints/step_*), an encoder export "
+            "(config.json + model.safetensors) or a checkpoint folder (trainer_state.json)"
+        )
+    skipped = []
+    for folder in candidates:
+        try:
+            weights = read_encoder_folder(folder)
+        except CheckpointError as err:
+            skipped.append(f"{folder.relative_to(run.root)}: {err}")
+            continue
+        for reason in skipped:
+            log.warning("skipped unreadable %s; using %s", reason, folder)
+        return weights
+    raise CheckpointError(f"nothing in {run.root} can be read as an encoder: " + "; ".join(skipped))
+
+
+def read_encoder_folder(folder: Path) -> EncoderWeights:
+    """The encoder tensors of one export (``encoder/``) or checkpoint folder (``checkpoints/step_*``)."""
+    kind, run = folder_kind(folder), RunFolder.of(folder)
     file = folder / "model.safetensors"
     if not file.is_file():
         raise CheckpointError(f"{folder} has no model.safetensors; is it an sslvit training checkpoint?")
-    tensors, sha = load_file(str(file)), file_sha256(file)
+    if kind is None:
+        raise CheckpointError(f"{folder} has no config.json beside its model.safetensors; re-export the run")
+    with reading(file, "a safetensors weights file"):
+        tensors, sha = load_file(str(file)), file_sha256(file)
     if kind == "export":
-        config = json.loads((folder / "config.json").read_text())
-        architecture, args = config.get("architecture"), config.get("model_args", {})
+        config = read_json(folder / "config.json", "an encoder export's config", ("architecture",))
+        architecture, args = config["architecture"], config.get("model_args", {})
         size = config.get("pretrained_cfg", {}).get("input_size")
         return EncoderWeights(tensors, kind, folder, sha, architecture, args, size, run)
-    state = read_trainer_state(folder)
+    state = read_json(folder / TRAINER_STATE, "a trainer state", ("encoder_prefix", "architecture", "model_args"))
     prefix = state["encoder_prefix"]
     encoder = {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
+    if not encoder:
+        raise CheckpointError(f"{file} holds no tensor under the encoder prefix {prefix!r} its {TRAINER_STATE} names")
     ignored = sorted(k for k in tensors if not k.startswith(prefix))
     architecture, args, size = state["architecture"], state["model_args"], state.get("input_size")
-    return EncoderWeights(encoder, kind, folder, sha, architecture, args, size, run, ignored)
+    step = state.get("step")
+    return EncoderWeights(encoder, kind, folder, sha, architecture, args, size, run, ignored, step)
+
+
+def read_json(file: Path, what: str, required: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A JSON object file that must hold ``required`` keys; any other content is one error naming the file."""
+    with reading(file, what):
+        tree = read_trainer_state(file.parent) if file.name == TRAINER_STATE else json.loads(file.read_text())
+    missing = [key for key in required if not isinstance(tree, dict) or key not in tree]
+    if missing:
+        raise CheckpointError(f"{file} is not {what}: it lacks {', '.join(missing)}")
+    return tree
 
 
 def read_file(path: Path, architecture: str | None = None, model_args: dict[str, Any] | None = None) -> EncoderWeights:
@@ -165,9 +223,13 @@ def read_file(path: Path, architecture: str | None = None, model_args: dict[str,
     if not path.is_file():
         raise CheckpointError(f"weights file {path} does not exist")
     state, kind, ignored = convert_state_dict(read_weights(path))
+    if not state:
+        raise CheckpointError(f"{path} holds no tensors: it is not an encoder's weights file")
     if architecture is None:
         architecture, model_args = infer_architecture(state) or (None, {})
-    return EncoderWeights(state, kind, path, file_sha256(path), architecture, model_args or {}, ignored=ignored)
+    with reading(path, "a weights file"):
+        sha = file_sha256(path)
+    return EncoderWeights(state, kind, path, sha, architecture, model_args or {}, ignored=ignored)
 
 
 def random_init(architecture: str, model_args: dict[str, Any]) -> EncoderWeights:
@@ -178,21 +240,81 @@ def random_init(architecture: str, model_args: dict[str, Any]) -> EncoderWeights
 
 
 def read_weights(path: Path) -> dict[str, Any]:
-    """Read a ``.safetensors`` file, or a torch file with ``weights_only=True`` (plus ``argparse.Namespace``)."""
+    """Read a ``.safetensors`` file, or a torch file with ``weights_only=True`` (plus ``argparse.Namespace``).
+
+    Raises:
+        CheckpointError: the file is no weights file (text, empty, truncated, another format), or a pickle of more
+            than tensors (refused, never unpickled).
+    """
     if path.suffix == ".safetensors":
-        return load_file(str(path))
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
-        first = (str(e).splitlines() or [""])[0][:200]
-        raise CheckpointError(
-            f"{path} cannot be read as plain tensors with torch.load(weights_only=True) ({first}); sslvit never "
-            "unpickles arbitrary objects: re-save it as a state dict or safetensors"
-        ) from e
+        with reading(path, "a safetensors weights file"):
+            return load_file(str(path))
+    allowed = torch.serialization.safe_globals([argparse.Namespace])
+    with reading(path, "a PyTorch weights file (.pth) or safetensors file"), allowed:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict")
     return obj
+
+
+@contextmanager
+def reading(path: Path, what: str) -> Iterator[None]:
+    """The one translation of a failed read: any error while reading ``path`` becomes one :class:`CheckpointError`.
+
+    A damaged or foreign file fails deep inside safetensors, pickle, zipfile or json in many ways (``KeyError`` for a
+    text file given to ``torch.load``, ``IndexError`` for ``/etc/passwd``, ``SafetensorError`` for an empty file, an
+    ``UnpicklingError`` for arbitrary objects): every one is the same user mistake, so all are caught here.
+    """
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except Exception as err:  # see the docstring: the failure modes of a foreign file are not enumerable
+        raise CheckpointError(f"{path} cannot be read as {what}: {read_failure(path, err)}") from err
+
+
+def read_failure(path: Path, err: Exception) -> str:
+    """What is wrong with a file that failed to read, in one clause (never PyTorch's advice to unpickle it)."""
+    if isinstance(err, OSError):
+        return err.strerror or str(err)
+    if path.is_file() and path.stat().st_size == 0:
+        return "the file is empty"
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if "Weights only load failed" in str(err):  # torch's refusal: keep what it refused, drop its advice
+        refused = next((line for line in lines if "GLOBAL" in line or "Unsupported" in line), "")
+        refused = refused.removeprefix("WeightsUnpickler error: ").split(". ")[0].rstrip(".")[:160]
+        return (
+            f"it holds pickled Python objects beyond tensors ({refused}), which torch.load(weights_only=True) refuses; "
+            "sslvit never unpickles arbitrary objects: re-save it as a plain state dict or safetensors"
+        )
+    if path.suffix != ".safetensors" and _head(path) and not _head(path).startswith((b"PK", b"\x80")):
+        return "it is neither a PyTorch file (a zip archive or a pickle) nor a safetensors file"
+    if isinstance(err, json.JSONDecodeError):
+        return f"not valid JSON ({err.msg} at line {err.lineno}); the file is damaged or truncated"
+    detail = f" ({type(err).__name__}: {lines[0][:160]})" if lines else f" ({type(err).__name__})"
+    return f"it is damaged, truncated or not in this format{detail}"
+
+
+def _head(path: Path) -> bytes:
+    """The first bytes of a file (b"" when it cannot be read)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(2)
+    except OSError:
+        return b""
+
+
+def share_by_umask(files: Iterable[Path]) -> None:
+    """Give ``files`` the permissions the umask grants a new file (``0o666 & ~umask``; 0644 under umask 022).
+
+    safetensors writes ``model.safetensors`` through a private temporary file (mode 0600), while ``config.json``
+    beside it gets the umask's 0644: on a shared filesystem teammates could read the config but not the weights.
+    """
+    mask = os.umask(0)
+    os.umask(mask)
+    for file in files:
+        if file.is_file() and not file.is_symlink():
+            file.chmod(0o666 & ~mask)
 
 
 def convert_state_dict(obj: dict[str, Any]) -> tuple[dict[str, torch.Tensor], str, list[str]]:
