@@ -231,3 +231,16 @@ def test_rerunning_resumes_with_the_momentum_encoder_and_its_batchnorm_restored(
     last = load_file(str(tmp_path / "checkpoints" / "step_00000004" / "model.safetensors"))
     for key, value in exported.items():  # the export is the base encoder's backbone
         torch.testing.assert_close(value, last[f"backbone.{key}"], rtol=0, atol=0)
+
+
+def test_mocov3_vit_s16_has_config_mds_values():
+    from sslvit.recipe import load_recipe
+
+    r = load_recipe("mocov3_vit_s16")
+    o = r.objective
+    assert (o.out_dim, o.mlp_dim, o.momentum, o.momentum_cosine, o.temperature) == (256, 4096, 0.99, True, 0.2)
+    assert (o.stop_grad_patch_embed, o.optimizer, o.crop_min_scale, o.crop_size) == (True, "adamw", 0.08, 224)
+    assert (o.blur_probs, o.solarization_probs) == ((1.0, 0.1), (0.0, 0.2))
+    assert (r.optim.base_lr, r.optim.weight_decay, r.optim.betas, r.optim.min_lr) == (1.5e-4, 0.1, (0.9, 0.999), 0)
+    assert (r.schedule.epochs, r.schedule.warmup_epochs, r.train.global_batch_size) == (300, 40, 4096)
+    assert (r.model.name, r.model.patch_size, r.model.drop_path_rate) == ("vit_small_patch16_224", 16, 0.0)
