@@ -232,3 +232,82 @@ def test_rerunning_resumes_with_the_teacher_and_both_centres_restored(tmp_path, 
     assert saved["mask_token"].abs().sum() > 0
     for key in saved:
         torch.testing.assert_close(FirstStateRecorder.first_state[key], saved[key], rtol=0, atol=0)
+
+
+def official_ibot_loss(student_cls, student_patch, teacher_cls, teacher_patch, masks, center, center2, temp, temp2):
+    """bytedance/ibot ``iBOTLoss.forward`` (commit 564f363d), restated: the CLS cross-entropy over every (teacher
+    global crop q, student crop v != q) pair, averaged over pairs; plus the patch term of :func:`official_patch_term`
+    for the v == q pairs; lambda1 = lambda2 = 1. ``student_cls`` holds the global then the local crops."""
+    crops = student_cls.shape[0] // (teacher_cls.shape[0] // 2)
+    teacher = F.softmax((teacher_cls - center) / temp, dim=-1).chunk(2)
+    student = (student_cls / 0.1).chunk(crops)
+    total, terms = 0.0, 0
+    for q in range(2):
+        for v in range(crops):
+            if v != q:
+                total = total + torch.sum(-teacher[q] * F.log_softmax(student[v], dim=-1), dim=-1).mean()
+                terms += 1
+    patch, _ = official_patch_term(student_patch, teacher_patch, masks, center2, temp2)
+    return total / terms + patch
+
+
+@pytest.mark.parametrize("local_crops", [0, 2])
+def test_a_whole_step_equals_bytedance_ibots_loss_on_the_same_heads_and_masks(local_crops):
+    cfg = IBOTConfig(out_dim=64, hidden_dim=32, bottleneck_dim=16, local_crop_size=16, local_crops_number=local_crops,
+                     teacher_temp=0.05, teacher_patch_temp=0.06, warmup_teacher_temp_epochs=0)  # fmt: skip
+    ibot = make_ibot(cfg).eval()  # no drop path, so that the forward passes can be repeated
+    ibot.mask_token.data.normal_()
+    ibot.dino_loss.center.normal_(std=0.1)
+    ibot.patch_loss.center.center = torch.randn(1, 64) * 0.1
+    batch = crops_batch(ibot, n=4)
+    *crops, m1, m2 = batch["views"]
+    masks = torch.cat([m1, m2])
+    assert masks.any()
+    ibot.before_step(Progress(step=0, total_steps=10, epochs=1))
+    with torch.no_grad():
+        got = ibot(batch)
+        teacher_tokens = vit_tokens(ibot.teacher_backbone, torch.cat(crops[:2]))
+        teacher_all = ibot.teacher_head(teacher_tokens)  # [1]'s iBOTHead: the shared head on every token
+        student_tokens = vit_tokens(ibot.student_backbone, torch.cat(crops[:2]), masks, ibot.mask_token)
+        student_all = ibot.student_head(student_tokens)
+        student_cls = student_all[:, 0]
+        if local_crops:
+            student_cls = torch.cat([student_cls, ibot.student_head(ibot.student_backbone(torch.cat(crops[2:])))])
+        centres = ibot.dino_loss.center.view(1, -1), ibot.patch_loss.center.center.view(1, 1, -1)
+        expected = official_ibot_loss(student_cls, student_all[:, 1:], teacher_all[:, 0], teacher_all[:, 1:], masks,
+                                      *centres, 0.05, 0.06)  # fmt: skip
+    assert "koleo" not in got  # off: koleo_weight 0
+    torch.testing.assert_close(got["loss"], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_masks_are_drawn_per_sample_and_none_before_pred_start_epoch():
+    from PIL import Image
+
+    from sslvit.data.seeding import seeded_rng
+
+    ibot = make_ibot(
+        IBOTConfig(
+            out_dim=64,
+            hidden_dim=32,
+            bottleneck_dim=16,
+            local_crop_size=16,
+            local_crops_number=0,
+            pred_ratio=(0.3,),
+            pred_ratio_var=(0.2,),
+            pred_start_epoch=1,
+        )
+    )
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 36, 3), dtype=np.uint8))
+    draws = []
+    for key in ((0, 0, 5), (0, 0, 5), (0, 0, 6)):
+        with seeded_rng(*key):
+            draws.append(ibot.views()(image)[-2:])
+    assert all(torch.equal(a, b) for a, b in zip(draws[0], draws[1]))  # (seed, epoch, index) fixes the mask
+    assert not all(torch.equal(a, b) for a, b in zip(draws[0], draws[2]))
+    batch = crops_batch(ibot)
+    assert torch.cat(batch["views"][-2:]).any()  # pred_ratio 0.3 +- 0.2: every crop masked
+    ibot.before_step(Progress(step=0, total_steps=20, epochs=2))  # epoch 0 < pred_start_epoch
+    out = ibot(batch)
+    assert out["mask_ratio"] == 0 and out["patch_loss"] == 0
+    ibot.before_step(Progress(step=10, total_steps=20, epochs=2))
+    assert ibot(batch)["mask_ratio"] > 0
