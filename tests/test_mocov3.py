@@ -199,6 +199,8 @@ def test_a_non_vit_backbone_is_one_clear_error():
 
     with pytest.raises(RecipeError, match="VisionTransformer"):
         MoCoV3(timm.create_model("resnet18", num_classes=0), tiny().objective)
+    with pytest.raises(RecipeError, match="crop_size=16 must equal model.img_size=32"):
+        build("objective.crop_size=16")
 
 
 def test_rerunning_resumes_with_the_momentum_encoder_and_its_batchnorm_restored(tmp_path, monkeypatch, one_thread):

@@ -108,6 +108,9 @@ class MoCoV3(Objective):
                               "freezes the patch projection")  # fmt: skip
         self.cfg = cfg
         self.crop_size = cfg.crop_size or input_size(encoder)
+        if self.crop_size != input_size(encoder):  # both views go through the ViT at its own image size
+            raise RecipeError(f"objective.crop_size={self.crop_size} must equal model.img_size={input_size(encoder)} "
+                              "(or be null)")  # fmt: skip
         if cfg.sincos_pos_embed:
             set_sincos_pos_embed(encoder)
         if cfg.stop_grad_patch_embed:
