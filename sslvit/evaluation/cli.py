@@ -16,6 +16,7 @@ import argparse
 import datetime
 import functools
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ def add_encoder_arguments(p: argparse.ArgumentParser) -> None:
 
 def _parser(kind: str, description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"eval/{kind}.py", description=description)
+    p.set_defaults(kind=kind)
     add_encoder_arguments(p)
     p.add_argument("--data", required=True, help="digits, an image folder, parquet/arrow files or a Hub dataset id")
     p.add_argument("--train-split", default="train")
@@ -59,6 +61,14 @@ def _parser(kind: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256, help="images per device")
     p.add_argument("--num-workers", type=int, default=-1, help="data loader workers (-1: min(8, cores))")
     p.add_argument("--json-out", help="where to write the JSON report")
+    p.add_argument(
+        "--holdout",
+        type=float,
+        metavar="FRACTION",
+        help="data without separate splits (a plain class folder): hold out this fraction of --train-split per "
+        "class as the test set, e.g. 0.2 (seeded by --seed)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="the --holdout split's seed")
     if kind != "finetune":
         p.add_argument("--cache-dir", help="feature cache (default: $SSLVIT_CACHE/features or ~/.cache/sslvit)")
         p.add_argument("--no-cache", action="store_true", help="extract features without reading or writing a cache")
@@ -82,6 +92,57 @@ def _parse_model_args(items: list[str]) -> dict[str, Any]:
     return out
 
 
+def check_options(args: argparse.Namespace) -> None:
+    """Refuse impossible option values before any work (each is one error line naming the option).
+
+    Raises:
+        UserError: a size, limit or count is not positive, a number is not finite, or ``--json-out`` is a folder.
+    """
+    import math
+
+    from sslvit.errors import UserError
+
+    positive = {"--limit-train": args.limit_train, "--limit-test": args.limit_test, "--img-size": args.img_size,
+                "--batch-size": args.batch_size, "--epochs": getattr(args, "epochs", None)}  # fmt: skip
+    for option, value in positive.items():
+        if value is not None and value < 1:
+            raise UserError(f"{option} {value} must be a positive integer")
+    if args.num_workers < -1:
+        raise UserError(f"--num-workers {args.num_workers} must be -1 (auto) or >= 0")
+    if args.crop_pct is not None and not (math.isfinite(args.crop_pct) and 0 < args.crop_pct <= 1):
+        raise UserError(f"--crop-pct {args.crop_pct} must be in (0, 1]: the fraction of the resized image kept")
+    temperature = getattr(args, "temperature", None)
+    if temperature is not None and not (math.isfinite(temperature) and temperature > 0):
+        raise UserError(f"--temperature {temperature} must be a positive number (DINO's is 0.07)")
+    if getattr(args, "k", None) is not None and min(args.k) < 1:
+        raise UserError(f"--k {' '.join(map(str, args.k))}: each k must be >= 1")
+    if args.holdout is not None and not (math.isfinite(args.holdout) and 0 < args.holdout < 1):
+        raise UserError(f"--holdout {args.holdout} must be a fraction strictly between 0 and 1, e.g. 0.2")
+    if args.holdout is not None and args.test_split:
+        raise UserError("--holdout makes the test set from --train-split: drop --test-split")
+    if not 0 <= args.seed <= 2**32 - 1:
+        raise UserError(f"--seed {args.seed} must be between 0 and 2**32 - 1")
+    if args.json_out:
+        check_json_out(Path(args.json_out))
+
+
+def check_json_out(path: Path) -> None:
+    """``--json-out`` (or its default) must be a file that can be written: checked before the work, not after it.
+
+    Raises:
+        UserError: it is a folder, or a folder above it is a file.
+    """
+    from sslvit.errors import UserError
+
+    if path.is_dir():
+        raise UserError(f"--json-out {path} is a folder; name a file, e.g. {path / 'report.json'}")
+    above = next((p for p in path.parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise UserError(f"--json-out {path}: {above} is a file, not a folder")
+    if above is not None and not os.access(above, os.W_OK | os.X_OK):
+        raise UserError(f"--json-out {path}: {above} is not writable")
+
+
 @dataclass
 class Setup:
     """What every evaluation starts from."""
@@ -97,15 +158,22 @@ class Setup:
 
 
 def _setup(args: argparse.Namespace, started: float) -> Setup:
-    from sslvit.evaluation.features import default_crop_pct, open_labelled
+    from sslvit.data import open_source
+    from sslvit.evaluation.features import default_crop_pct, holdout_split, open_labelled
     from sslvit.evaluation.load import load_encoder
     from sslvit.recipe import DataConfig
 
+    check_options(args)
     data_cfg = DataConfig(
         path=args.data, image_column=args.image_column, label_column=args.label_column, num_workers=args.num_workers
     )
-    train, test, test_split = open_labelled(data_cfg, args.train_split, args.test_split)
+    if args.holdout is not None:
+        train, test = holdout_split(open_source(data_cfg, args.train_split), args.holdout, args.seed)
+        test_split = f"{args.train_split} holdout"
+    else:
+        train, test, test_split = open_labelled(data_cfg, args.train_split, args.test_split)
     encoder, identity = load_encoder(args.encoder, args.weights, args.img_size, _parse_model_args(args.model_args))
+    check_json_out(json_out_path(args.kind, identity, args.json_out))
     crop_pct = args.crop_pct or default_crop_pct(identity["img_size"])
     return Setup(encoder, identity, train, test, test_split, data_cfg, crop_pct, started)
 
@@ -132,6 +200,7 @@ def _data_report(setup: Setup, args, n_train: int, n_test: int, train_info=None,
         "test_size": n_test,
         "limit_train": args.limit_train,
         "limit_test": args.limit_test,
+        "holdout": None if args.holdout is None else {"fraction": args.holdout, "seed": args.seed},
         "img_size": setup.identity["img_size"],
         "crop_pct": setup.crop_pct,
         "transform": f"Resize({round(setup.identity['img_size'] / setup.crop_pct)}, "
@@ -211,15 +280,18 @@ def _accelerator(precision: str):
 def run_knn(argv: list[str] | None = None) -> int:
     """``eval/knn.py``: weighted k-NN (DINO protocol) on cached CLS features."""
     from sslvit.errors import UserError
+    from sslvit.evaluation.features import balanced_subset
     from sslvit.evaluation.knn import DEFAULT_KS, DEFAULT_TEMPERATURE, HEADLINE_K, knn_classify
 
     p = _parser("knn", "Weighted k-NN classification of a frozen encoder (DINO protocol).")
-    p.add_argument("--k", type=int, nargs="+", default=list(DEFAULT_KS), help="numbers of neighbours")
+    ks = " ".join(map(str, DEFAULT_KS))
+    p.add_argument("--k", type=int, nargs="+", help=f"numbers of neighbours (default: {ks}, clamped to the train set)")
     p.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE, help="vote weight exp(sim / T)")
     args = p.parse_args(argv)
     started = time.perf_counter()
     accelerator = _accelerator(args.precision)
     setup = _setup(args, started)
+    args.k = _check_k(args.k, len(balanced_subset(setup.train.labels, args.limit_train)))
     train, test, data = _features(setup, args, accelerator)
     if max(args.k) > len(train) or min(args.k) < 1:
         raise UserError(
@@ -244,6 +316,33 @@ def run_knn(argv: list[str] | None = None) -> int:
     report = _report("knn", setup, args, "dino-knn", data, hyper, metrics)
     _write(report, args, [(k, f"{v['top1']:.2f}", f"{v['top5']:.2f}") for k, v in per_k.items()], ("k", "top1", "top5"))
     return 0
+
+
+def _check_k(ks: list[int] | None, n_train: int) -> list[int]:
+    """The k values to use for ``n_train`` training images, decided before any feature is extracted.
+
+    The default ks larger than the training set are clamped to it (with a warning); a k the user gave that is
+    larger is an error.
+
+    Raises:
+        UserError: a given k exceeds the training set.
+    """
+    import logging
+
+    from sslvit.errors import UserError
+    from sslvit.evaluation.knn import DEFAULT_KS
+
+    if ks is not None:
+        if max(ks) > n_train:
+            raise UserError(f"--k {' '.join(map(str, ks))}: each k must be between 1 and the {n_train} training images")
+        return ks
+    clamped = sorted({min(k, n_train) for k in DEFAULT_KS})
+    if clamped != list(DEFAULT_KS):
+        logging.getLogger("sslvit.evaluation").warning(
+            "only %d training images: the default --k %s becomes %s", n_train,
+            " ".join(map(str, DEFAULT_KS)), " ".join(map(str, clamped)),
+        )  # fmt: skip
+    return clamped
 
 
 def run_linear_probe(argv: list[str] | None = None) -> int:

@@ -19,6 +19,7 @@ second k-NN or linear probe on the same encoder and data extracts nothing.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -134,12 +135,41 @@ def open_labelled(cfg: DataConfig, train_split: str, test_split: str | None) -> 
     if train.description.replace(f"[{train_split}]", "") == test.description.replace(f"[{test_split}]", ""):
         raise DataError(
             f"{cfg.path} has no separate {train_split!r} and {test_split!r} splits (both read the same images); "
-            "give a folder with train/ and test/ subfolders, or name the splits with --train-split/--test-split"
+            "give a folder with train/ and test/ subfolders, name the splits with --train-split/--test-split, or hold "
+            "out a seeded fraction of the images as the test set with --holdout 0.2"
         )
     if train.class_names != test.class_names:
         raise DataError(f"the {train_split} and {test_split} splits of {cfg.path} have different classes: "
                         f"{train.class_names[:10]} vs {test.class_names[:10]}")  # fmt: skip
     return train, test, test_split
+
+
+def holdout_split(source: ImageSource, fraction: float, seed: int = 0) -> tuple[ImageSource, ImageSource]:
+    """A labelled source without separate splits (a plain class folder) split into train and held-out test views.
+
+    Each class's records are shuffled with ``seed`` and ``round(fraction * n)`` of them (at least one, and at least
+    one left for training, when a class has two or more) go to the test view. Both views are the same source with
+    the other view's labels set to -1, which every evaluation leaves out (see :func:`balanced_subset`), and a
+    description that names the split, so cached features of the two never mix.
+
+    Raises:
+        DataError: the source has no labels.
+    """
+    if source.labels is None or not (source.labels >= 0).any():
+        raise DataError(f"--holdout needs labels, and {source.description} has none")
+    rng = np.random.default_rng(seed)
+    test = np.zeros(len(source.labels), dtype=bool)
+    for c in np.unique(source.labels[source.labels >= 0]):
+        members = rng.permutation(np.flatnonzero(source.labels == c))
+        n_test = min(max(round(fraction * len(members)), 1), len(members) - 1) if len(members) > 1 else 0
+        test[members[:n_test]] = True
+    views = []
+    for name, keep in (("train", ~test), ("test", test)):
+        view = copy.copy(source)
+        view.labels = np.where(keep, source.labels, -1).astype(np.int64)
+        view.description = f"{source.description} (holdout {fraction:g} seed {seed}: {name} part)"
+        views.append(view)
+    return views[0], views[1]
 
 
 class _EvalImages(Dataset):
