@@ -96,7 +96,7 @@ def test_block_masks_keep_the_official_ratio_range_and_half_the_crops_are_masked
         mask = block_mask(14, 14, ratio, (0.3, 1 / 0.3))
         assert 0 < mask.sum() <= ratio * 196
     with pytest.raises(RecipeError, match="pred_ratio"):
-        IBOTConfig(pred_ratio=(0.3,), pred_ratio_var=(0.4,)).validate()
+        IBOTConfig(pred_ratio=(0.0, 0.3), pred_ratio_var=(0.0, 0.4)).validate()
 
 
 def test_only_the_student_sees_mask_tokens():
@@ -292,8 +292,8 @@ def test_masks_are_drawn_per_sample_and_none_before_pred_start_epoch():
             bottleneck_dim=16,
             local_crop_size=16,
             local_crops_number=0,
-            pred_ratio=(0.3,),
-            pred_ratio_var=(0.2,),
+            pred_ratio=(0.3, 0.3),
+            pred_ratio_var=(0.2, 0.2),
             pred_start_epoch=1,
         )
     )

@@ -82,8 +82,10 @@ class IBOTConfig(DINOConfig):
     teacher_patch_temp: float = 0.07  # warms up over warmup_teacher_temp_epochs, like teacher_temp
     lambda1: float = 1.0  # weight of the CLS-token (DINO) loss
     lambda2: float = 1.0  # weight of the masked-patch loss
-    pred_ratio: tuple[float, ...] = (0.0, 0.3)  # one is chosen per crop, then drawn in +- pred_ratio_var
-    pred_ratio_var: tuple[float, ...] = (0.0, 0.2)
+    # One pair is chosen per crop, then drawn in ratio +- var. Two pairs, as --set parses fixed-length tuples:
+    # [1]'s single ratio r +- v is (r, r) +- (v, v) (a choice between two equal draws is the same draw).
+    pred_ratio: tuple[float, float] = (0.0, 0.3)
+    pred_ratio_var: tuple[float, float] = (0.0, 0.2)
     pred_aspect_ratio: tuple[float, float] = (0.3, 1 / 0.3)
     pred_shape: Literal["block", "rand"] = "block"
     pred_start_epoch: int = 0  # epochs without masking
