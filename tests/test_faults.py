@@ -135,6 +135,25 @@ def test_the_stop_signals_are_a_recipe_field(tmp_path, caplog):
     assert not (tmp_path / "bad").exists()
 
 
+class _SignalTwiceAt(_SignalAt):
+    def on_step_start(self, step: int) -> None:
+        if step == self.step:
+            os.kill(os.getpid(), self.sig)
+            os.kill(os.getpid(), self.sig)
+
+
+def test_a_second_ctrl_c_stops_at_once_as_one_line_and_keeps_the_checkpoints(tmp_path):
+    recipe = tiny_recipe("quickstart", "train.max_steps=6", "train.checkpoint_every=1", "log.image_every=0")
+    with pytest.raises(RunStopped) as stopped:
+        pretrain(recipe, tmp_path / "run", callback=_SignalTwiceAt(2, signal.SIGINT))
+    assert stopped.value.code == 130 and stopped.value.message == (
+        f"interrupted: stopped at once; the newest checkpoint is {tmp_path / 'run' / 'checkpoints' / 'step_00000002'}"
+    )
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the usual Ctrl-C again
+    assert not (tmp_path / "run" / "run.lock").exists()
+    assert pretrain(recipe, tmp_path / "run")["steps_this_run"] == 4
+
+
 # ------------------------------------------------------------------------------------------- damaged checkpoints
 
 

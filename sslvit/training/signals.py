@@ -94,7 +94,8 @@ def _on_signal(signum: int, frame: Any, previous: Any, announce: bool) -> None:
         return
     _requested.append(name)
     if announce:  # os.write: safe inside a signal handler, unlike logging
-        os.write(2, f"sslvit: {name}: finishing this step, then saving a checkpoint (again: stop now)\n".encode())
+        note = f"sslvit: {name}: finishing this step, then saving a checkpoint (send it again to stop at once)\n"
+        os.write(2, note.encode())
 
 
 def ignore_in_workers(loader: Any, signals: list[signal.Signals]) -> None:
