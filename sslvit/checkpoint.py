@@ -26,6 +26,7 @@ from sslvit.weights.run import (
     read_trainer_state,
     step_of,
 )
+from sslvit.weights.sources import share_by_umask
 
 # timm's data config of every export (local-dir and Hub): our preprocessing, not the defaults of the timm weights
 # tag the architecture's name points at
@@ -110,4 +111,5 @@ def export_encoder(encoder: torch.nn.Module, architecture: str, args: dict[str, 
         out_dir.rename(old)
     tmp.rename(out_dir)
     shutil.rmtree(old, ignore_errors=True)
+    share_by_umask(out_dir.iterdir())  # safetensors writes 0600; teammates should read the encoder like its config
     return out_dir

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import timm
@@ -39,6 +40,13 @@ def test_timm_local_dir_rebuilds_the_encoder_bit_for_bit(trained_run):
     config = json.loads((encoder_dir / "config.json").read_text())
     assert config["architecture"] == "vit_tiny_patch16_224"
     assert config["model_args"]["depth"] == 2 and config["pretrained_cfg"]["mean"] == [0.485, 0.456, 0.406]
+
+
+def test_the_end_of_run_export_is_readable_as_the_umask_allows(trained_run):
+    mask = os.umask(0)
+    os.umask(mask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (trained_run / "encoder").iterdir()}
+    assert modes == {"config.json": 0o666 & ~mask, "model.safetensors": 0o666 & ~mask}  # safetensors alone gives 0600
 
 
 def test_an_empty_folder_is_no_export(tmp_path):

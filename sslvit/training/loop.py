@@ -6,14 +6,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
 import math
 import sys
 import time
-from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,16 +20,15 @@ from accelerate.utils import send_to_device
 from tqdm.auto import tqdm
 
 from sslvit.checkpoint import latest_checkpoint
-from sslvit.errors import DataError, TrainingDiverged
+from sslvit.errors import TrainingDiverged
 from sslvit.objectives import Progress
 from sslvit.recipe import Derived, Recipe
+from sslvit.training.accumulate import MicroBatches, accumulate_gradients
 from sslvit.training.schedules import apply_schedules
 from sslvit.training.signals import stop_requested
 from sslvit.training.state import SkipCounts, StepResult, Trainer
 
 log = logging.getLogger("sslvit")
-
-MicroBatches = Iterator[tuple[int, dict[str, Any]]]  # (epoch, collated micro-batch), endless
 
 
 def optimisation_step(trainer: Trainer, batches: MicroBatches, step: int) -> StepResult:
@@ -49,7 +45,10 @@ def optimisation_step(trainer: Trainer, batches: MicroBatches, step: int) -> Ste
     scheduled = apply_schedules(optimizer, recipe.optim, trainer.derived, step, inclusive)
     objective.before_step(progress)
     # forward and backward over the micro-batches
-    epoch, outputs, skipped = _accumulate_gradients(trainer, batches)
+    where = f"data.path={recipe.data.path}"
+    epoch, outputs, skipped = accumulate_gradients(
+        trainer.accelerator, trainer.model, batches, trainer.derived.grad_accum_steps, trainer.model, where
+    )
     objective.after_backward(progress)
     # clip, then step unless something was not finite (every process takes the same decision)
     accelerator = trainer.accelerator
@@ -69,30 +68,6 @@ def optimisation_step(trainer: Trainer, batches: MicroBatches, step: int) -> Ste
     if finite:
         scheduled.update(objective.after_step(progress))
     return StepResult(epoch, outputs, grad_norm, finite, scheduled, skipped, stop)
-
-
-def _accumulate_gradients(trainer: Trainer, batches: MicroBatches) -> tuple[int, dict[str, torch.Tensor], Counter]:
-    """Forward and backward over one step's micro-batches -> (epoch, mean outputs, skipped samples)."""
-    accelerator, model, accum = trainer.accelerator, trainer.model, trainer.derived.grad_accum_steps
-    sums: dict[str, torch.Tensor] = {}
-    skipped: Counter[str] = Counter()
-    for i in range(accum):
-        epoch, batch = next(batches)
-        if batch["views"] is None:
-            failed = Counter(batch["skipped"])
-            reasons = ", ".join(f"{reason}: {n}" for reason, n in failed.most_common())
-            raise DataError(
-                f"every image of a batch failed to decode ({failed.total()} skipped: {reasons}); check the images "
-                f"at data.path={trainer.recipe.data.path}"
-            )
-        skipped.update(batch["skipped"])
-        sync = i == accum - 1 or accelerator.num_processes == 1
-        with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-            out = model(batch)
-            accelerator.backward(out["loss"] / accum)
-        for key, value in out.items():
-            sums[key] = sums.get(key, 0.0) + value.detach().float() / accum
-    return epoch, sums, skipped
 
 
 def handle_bad_step(accelerator: Accelerator, recipe: Recipe, run_dir: Path, step: int, in_a_row: int) -> None:
