@@ -119,7 +119,7 @@ def mean_attention_distance(vit: torch.nn.Module, batches: Iterable[Tensor]) -> 
 
 
 def _parser() -> argparse.ArgumentParser:
-    from sslvit.evaluation.cli import add_encoder_arguments
+    from sslvit.evaluation.options import add_encoder_arguments
 
     about = "Mean attention distance per head and layer (ViT paper, Figure 7) and class-token attention maps."
     p = argparse.ArgumentParser(prog="eval/attention_distance.py", description=about)
@@ -208,9 +208,9 @@ def run_attention_distance(argv: list[str] | None = None) -> int:
     """``eval/attention_distance.py``: JSON + PNG plot + attention-map PNG + TensorBoard for one encoder."""
     from accelerate.state import PartialState
 
-    from sslvit.evaluation.cli import _parse_model_args
     from sslvit.evaluation.features import default_crop_pct
     from sslvit.evaluation.load import load_encoder
+    from sslvit.evaluation.options import _parse_model_args
 
     args = _parser().parse_args(argv)
     started = time.perf_counter()
