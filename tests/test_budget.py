@@ -42,7 +42,11 @@ def test_a_budget_run_is_the_max_steps_run_of_the_length_it_chose(tmp_path, name
     assert any(
         "train.budget_minutes=0.25:" in r.message and "steps fit in the rest" in r.message for r in caplog.records
     )
-    assert summary["timing"]["total_s"] < 0.25 * 60 * 1.25  # the whole run (startup included) keeps near the budget
+    # the plan fits the budget at the measured rate, startup included (deterministic given what was measured)
+    assert plan["startup_seconds"] + plan["total_steps"] * plan["seconds_per_step"] <= 0.25 * 60
+    # the wall clock itself is only checked grossly: a shared machine's speed can halve within a run (seen on CI);
+    # how closely budget runs keep to their minutes is benchmarks/quality.py's figure, not a timed test
+    assert summary["timing"]["total_s"] < 0.25 * 60 * 3
     state = read_trainer_state(complete_checkpoints(tmp_path / "budget" / "checkpoints")[-1])
     assert state["budget"] == plan
     config = json.loads((tmp_path / "budget" / "config.json").read_text())
