@@ -119,10 +119,15 @@ class DataConfig:
     persistent_workers: bool = True
     prefetch_factor: int = 2
     decode_cache_mb: int = 0  # > 0: decode every image once, kept in memory if it fits in this many MiB (CIFAR: 147)
+    augment_on: str = "auto"  # worker: PIL views in loader workers; device: batched tensor views; auto: per device
 
     def validate(self) -> None:
         _check(self.num_workers >= -1, "data.num_workers must be -1 (auto) or >= 0")
         _check(self.prefetch_factor >= 1, "data.prefetch_factor must be >= 1")
+        _check(
+            self.augment_on in ("auto", "worker", "device"),
+            f"data.augment_on must be auto, worker or device (got {self.augment_on!r})",
+        )
         _check(self.decode_cache_mb >= 0, "data.decode_cache_mb must be >= 0 (0 = decode every epoch)")
         _check(
             not (self.streaming and self.decode_cache_mb),

@@ -14,6 +14,7 @@ from datasets.distributed import split_dataset_by_node
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate, get_worker_info
 
+from sslvit.data.augment import RawViews, collate_raw
 from sslvit.data.decode import BadSample, Skipped, decode
 from sslvit.data.seeding import seeded_rng
 from sslvit.recipe import DataConfig
@@ -113,7 +114,8 @@ def collate_skipping(items: list[tuple[Any, int] | Skipped]) -> dict[str, Any]:
     skipped = dict(Counter(item.reason for item in items if isinstance(item, Skipped)))
     if not kept:
         return {"views": None, "labels": torch.empty(0, dtype=torch.long), "skipped": skipped}
-    views = default_collate([view for view, _ in kept])
+    views = [view for view, _ in kept]
+    views = collate_raw(views) if isinstance(views[0], RawViews) else default_collate(views)
     return {"views": views, "labels": torch.tensor([label for _, label in kept], dtype=torch.long), "skipped": skipped}
 
 

@@ -89,9 +89,12 @@ def micro_batches(
     accelerator: Accelerator, loader: Any, streaming: bool, epoch: int, skip: int, per_epoch: int
 ) -> MicroBatches:
     """Yield (epoch, micro-batch) from position (epoch, skip) on, epochs chained; the loop stops at total steps."""
+    on_device = getattr(
+        getattr(loader.dataset, "transform", None), "on_device", None
+    )  # data.augment_on=device renders views here
     while True:
         for batch in _epoch_batches(accelerator, loader, epoch, skip, per_epoch, streaming):
-            yield epoch, batch
+            yield epoch, on_device(batch) if on_device else batch
         epoch, skip = epoch + 1, 0
 
 

@@ -28,6 +28,7 @@ from sslvit.accel import launched_world_size, make_accelerator
 from sslvit.backbone import build_backbone, model_args, set_fused_attention
 from sslvit.cache import maybe_decoded
 from sslvit.checkpoint import export_encoder, save_checkpoint
+from sslvit.data.augment import views_for
 from sslvit.errors import DataError, RecipeError
 from sslvit.objectives import OBJECTIVES, Objective
 from sslvit.recipe import Derived, Recipe, derive, resolved_json
@@ -327,14 +328,16 @@ def _open_data(recipe: Recipe, objective: Objective, accelerator: Accelerator) -
     """The training images with the objective's views -> (dataset, description, images per epoch or None)."""
     if not recipe.data.streaming:
         source = maybe_decoded(data.open_source(recipe.data), recipe.data.decode_cache_mb)
-        dataset = data.TransformedImages(source, objective.views(), seed=recipe.train.seed)
+        dataset = data.TransformedImages(
+            source, views_for(objective, recipe.data, accelerator.device), seed=recipe.train.seed
+        )
         return dataset, dataset.source.description, len(dataset)
     if not (recipe.train.max_steps or recipe.train.budget_minutes):
         raise RecipeError("data.streaming=true gives no epoch length: set train.max_steps or train.budget_minutes")
     stream = data.open_stream(
         recipe.data,
         None,
-        objective.views(),
+        views_for(objective, recipe.data, accelerator.device),
         accelerator.process_index,
         accelerator.num_processes,
         shuffle_buffer=STREAM_SHUFFLE_BUFFER,
