@@ -196,8 +196,12 @@ class TrainConfig:
     seed: int = 0
     # these signals stop the run after the current step with a checkpoint, exit code 75 (sslvit.training.signals)
     stop_signals: str = "SIGTERM,SIGUSR1,SIGINT"
+    # torch.compile of the backbone's transformer blocks (sslvit.accel.compile_blocks); a failure falls back to eager
+    compile: bool = False
+    compile_backend: str = "inductor"  # any torch.compile backend; "aot_eager" or "eager" compile fast (tests)
 
     def validate(self) -> None:
+        _check(bool(self.compile_backend), "train.compile_backend must name a torch.compile backend (e.g. inductor)")
         _check(self.batch_size_per_device > 0, "train.batch_size_per_device must be positive")
         _check(self.global_batch_size >= 0, "train.global_batch_size must be >= 0 (0 = no accumulation)")
         _check(self.max_steps >= 0, "train.max_steps must be >= 0 (0 = the whole schedule)")

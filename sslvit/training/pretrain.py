@@ -24,7 +24,7 @@ from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, broadcast_object_list, set_seed
 
 from sslvit import budget, data
-from sslvit.accel import launched_world_size, make_accelerator
+from sslvit.accel import compile_blocks, launched_world_size, make_accelerator
 from sslvit.backbone import build_backbone, model_args, set_fused_attention
 from sslvit.cache import maybe_decoded
 from sslvit.checkpoint import export_encoder, save_checkpoint
@@ -112,6 +112,12 @@ def _pretrain(
         refuse_another_model(run, checkpoints[0], recipe, objective)
     # model.init: at a fresh start only, after the objective (which may re-initialise the encoder it wraps)
     init = init_weights(recipe.model.init, encoder, objective) if recipe.model.init and not checkpoints else None
+    if recipe.train.compile:  # before prepare: the wrappers (DDP, autocast) then call the compiled blocks
+        compiled = compile_blocks(objective, encoder, recipe.train.compile_backend, accelerator.is_main_process)
+        if compiled and accelerator.is_main_process:
+            log.info(
+                "train.compile: %d transformer blocks compiled (backend %s)", compiled, recipe.train.compile_backend
+            )
     dataset, description, num_samples = _open_data(recipe, objective, accelerator)
     derived = derive(recipe, accelerator.num_processes, num_samples)
     if num_samples is not None and not derived.steps_per_epoch:
@@ -207,7 +213,10 @@ def _train_loop(
     stopped = None
     while state.step < total and stopped is None:
         callback.on_step_start(state.step)
+        began = time.perf_counter()
         result = optimisation_step(trainer, batches, state.step)
+        if recipe.train.compile and state.step == first_step and accelerator.is_main_process:
+            log.info("train.compile: the first step (compiling) took %.1f s", time.perf_counter() - began)
         if result.epoch != state.epoch:  # the first micro-batch of a new epoch: report the one that ended
             report_skipped(accelerator, state.skipped, state.epoch, state.step, ended=True)
             state.epoch = result.epoch
