@@ -44,6 +44,9 @@ TINY = {
         "objective.local_crops_number=2",
         *extra,
     ),
+    "ijepa": lambda *extra: tiny_recipe(
+        "quickstart_ijepa", "objective.predictor_embed_dim=32", "objective.predictor_depth=1", *extra
+    ),
     "simsiam": lambda *extra: _simsiam_recipe(*extra),
 }
 HOOKS = ("before_step", "after_backward", "after_step")
