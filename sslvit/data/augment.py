@@ -77,6 +77,9 @@ class RawViews(NamedTuple):
     pixels: Tensor  # (3, H, W) per sample; (B, 3, H, W) batched
     params: Tensor  # (V, N_PARAMS) per sample; (B, V, N_PARAMS) batched
 
+    def to(self, device: torch.device | str) -> RawViews:
+        return RawViews(self.pixels.to(device), self.params.to(device))
+
 
 def resolve(augment_on: str, device: torch.device) -> str:
     """``auto`` -> ``worker`` on a CPU, ``device`` elsewhere (measured on CPU: docs/data.md)."""

@@ -61,6 +61,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from sslvit.backbone import input_size, patch_size, pooled_feature_dim
+from sslvit.data.augment import Augmentation, ViewSpec
 from sslvit.errors import RecipeError
 from sslvit.objectives.base import Objective, Progress
 from sslvit.objectives.teacher import (
@@ -243,6 +244,20 @@ class DINO(Objective):
             solarization_prob=cfg.solarization_prob,
             normalize=IMAGENET_NORMALIZE,
         )  # fmt: skip
+
+    def augmentation(self) -> Augmentation:
+        """The same views as :meth:`views` for ``data.augment_on=device``: 2 global crops then the local ones."""
+        cfg, jitter = self.cfg, (0.4, 0.4, 0.2, 0.1)  # cj_strength 0.5 * (0.8, 0.8, 0.4, 0.2), as views()
+        common = dict(hflip_prob=cfg.hflip_prob, jitter_prob=cfg.color_jitter_prob, jitter=jitter,
+                      gray_prob=cfg.gray_scale_prob, sigmas=(0.1, 2.0))  # fmt: skip
+        first = ViewSpec(self.global_crop_size, cfg.global_crops_scale, blur_prob=cfg.blur_probs[0], **common)
+        second = ViewSpec(
+            self.global_crop_size, cfg.global_crops_scale, blur_prob=cfg.blur_probs[1],
+            solarize_prob=cfg.solarization_prob, **common,
+        )  # fmt: skip
+        local = ViewSpec(self.local_crop_size, cfg.local_crops_scale, blur_prob=cfg.blur_probs[2], **common)
+        views = (first, second) + (local,) * cfg.local_crops_number
+        return Augmentation(views, tuple(IMAGENET_NORMALIZE["mean"]), tuple(IMAGENET_NORMALIZE["std"]))
 
     def encoder_for_export(self) -> nn.Module:
         return self.teacher_backbone

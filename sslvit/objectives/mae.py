@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from torchvision.utils import make_grid
 
 from sslvit.backbone import patch_size, require_vit
+from sslvit.data.augment import Augmentation, ViewSpec
 from sslvit.errors import RecipeError
 from sslvit.objectives.base import Objective
 from sslvit.views import IMAGENET_NORMALIZE, denormalize
@@ -110,6 +111,11 @@ class MAE(Objective):
 
     def views(self) -> Callable[[Any], Any]:
         return MAETransform(input_size=self.img_size, min_scale=self.cfg.min_crop_scale, normalize=IMAGENET_NORMALIZE)
+
+    def augmentation(self) -> Augmentation:
+        """:meth:`views` for ``data.augment_on=device``: one RandomResizedCrop and a horizontal flip."""
+        view = ViewSpec(self.img_size, (self.cfg.min_crop_scale, 1.0), hflip_prob=0.5)
+        return Augmentation((view,), tuple(IMAGENET_NORMALIZE["mean"]), tuple(IMAGENET_NORMALIZE["std"]))
 
     def encoder_for_export(self) -> VisionTransformer:
         return self.backbone.vit

@@ -31,7 +31,8 @@ def fixed_batch(dataset: Any, n: int, device: torch.device, streaming: bool) -> 
         return None
     views = batch["views"]
     batch["views"] = [v.to(device) for v in views] if isinstance(views, list) else views.to(device)
-    return batch
+    on_device = getattr(getattr(dataset, "transform", None), "on_device", None)  # data.augment_on=device
+    return on_device(batch) if on_device else batch
 
 
 def knn_monitor(recipe: Recipe, accelerator: Accelerator) -> Monitor | None:
