@@ -38,6 +38,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import psutil
@@ -107,6 +108,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--precision", choices=["no", "bf16", "fp16"], help="train.precision (default: recipe's)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="more recipe overrides")
     parser.add_argument("--threads", type=int, help="torch threads of the training process (default: torch's)")
+    parser.add_argument("--augment-on", nargs="+", default=["auto"], choices=["auto", "worker", "device"],
+                        help="data.augment_on values to measure, each case once per value")  # fmt: skip
     parser.add_argument("--smoke", action="store_true", help="tiny model, few steps: checks the script runs")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -118,8 +121,10 @@ def main(argv: list[str] | None = None) -> None:
         for case in cases:
             if args.smoke:
                 case = replace(case, batch=min(case.batch, 8), warmup=2, steps=3)
-            recipe = _recipe(case, data_path, args)
-            print(json.dumps(measure(recipe, case, Path(tmp) / recipe.name)), flush=True)
+            for augment_on in args.augment_on:
+                recipe = apply_overrides(_recipe(case, data_path, args), [f"data.augment_on={augment_on}"])
+                result = {"augment_on": augment_on, **measure(recipe, case, Path(tmp) / f"{recipe.name}_{augment_on}")}
+                print(json.dumps(result), flush=True)
 
 
 def _default_data(suite: str | None, tmp: Path, smoke: bool) -> str:
@@ -267,7 +272,9 @@ def time_pretrain(recipe: Recipe, run_dir: Path, warmup: int, steps: int) -> dic
 def time_loader(recipe: Recipe, warmup: int, batches: int) -> float:
     """Images/s of the pretraining DataLoader alone: same source, views, seeding, workers and batch."""
     # the loop's own data opening (decode cache included); the accelerator is read only for a stream
-    dataset, _, _ = train_module._open_data(recipe, train_module.build_objective(recipe)[0], None)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # for data.augment_on=auto
+    where = SimpleNamespace(device=device, process_index=0, num_processes=1)
+    dataset, _, _ = train_module._open_data(recipe, train_module.build_objective(recipe)[0], where)
     loader = data.make_loader(
         dataset,
         recipe.train.batch_size_per_device,
