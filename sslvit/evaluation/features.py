@@ -220,6 +220,10 @@ def encode(encoder: torch.nn.Module, images: torch.Tensor, n_blocks: int = N_BLO
         pooled = encoder(images)  # (B, D): timm's num_classes=0 forward
         return {"cls": pooled, "patch_mean": pooled, "cls_blocks": pooled[:, None]}
     n = min(n_blocks, len(encoder.blocks))
+    if not encoder.num_prefix_tokens:  # no class token (I-JEPA): timm's pooled output stands in for it
+        final, blocks = encoder.forward_intermediates(images, indices=n, norm=True, output_fmt="NLC")
+        pooled = encoder.forward_head(final, pre_logits=True)
+        return {"cls": pooled, "patch_mean": pooled, "cls_blocks": torch.stack([t.mean(dim=1) for t in blocks], 1)}
     final, blocks = encoder.forward_intermediates(images, indices=n, norm=True, return_prefix_tokens=True,
                                                   output_fmt="NLC")  # fmt: skip
     prefix = encoder.num_prefix_tokens
