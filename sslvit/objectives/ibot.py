@@ -26,7 +26,8 @@ this module adds [1]'s masked-image-modelling part:
   patches of the global crops ([1]'s ``center2``; [2] centres on the masked ones).
 - total = ``lambda1`` x DINO's CLS loss + ``lambda2`` x patch loss (+ KoLeo as in DINO).
 - heads: ``shared_head=True`` ([1]'s README ViT-S/16) runs the patch tokens through DINO's head; False gives the
-  patch tokens a separate head of the same shape ([2]'s ``ibot_separate_head``, DINOv2's default).
+  patch tokens a separate head of the same shape ([2]'s ``ibot_separate_head``: off in dinov2's
+  ssl_default_config.yaml, on in its train/vitl14.yaml).
 
 lightly's pieces: ``IBOTPatchLoss`` computes the patch loss with the EMA centre (its centre update is moved to
 :meth:`after_step`, as DINO moves DINOLoss's, and fed all patches like [1]). Not used, and why:
@@ -77,7 +78,7 @@ class IBOTConfig(DINOConfig):
     name: Literal["ibot"] = "ibot"  # type: ignore[assignment]
     out_dim: int = 8192
     patch_out_dim: int | None = None  # the separate patch head's width; None = out_dim (must be, with shared_head)
-    shared_head: bool = True  # False: a separate patch head ([2]'s DINOv2 default)
+    shared_head: bool = True  # False: a separate patch head ([2]'s ibot.separate_head, on in its vitl14 config)
     warmup_teacher_patch_temp: float = 0.04
     teacher_patch_temp: float = 0.07  # warms up over warmup_teacher_temp_epochs, like teacher_temp
     lambda1: float = 1.0  # weight of the CLS-token (DINO) loss
