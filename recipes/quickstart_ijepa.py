@@ -7,7 +7,8 @@ digits upsampled to 32 px; the quickstart_mocov3 ViT (4 blocks, 128 wide, 4 px p
 18 epochs (396 steps) of 64 images, 4.5 warmup epochs, EMA 0.996 -> 1.
 Tuned: not tuned; base lr 1e-3 as the other quickstarts, fp32.
 Hardware: 2 CPU cores.
-Expected: not measured yet.
+Expected (measured once, untuned: benchmarks/quality.py --steps 200 on one pinned core of this project's 2-core
+Xeon): digits k-NN 53.1% against 42.5% for the same ViT at random init, linear 86.9% vs 78.1%.
 
 Launch:
     python pretrain.py --recipe quickstart_ijepa
