@@ -147,7 +147,16 @@ class _SignalTwiceAt(_SignalAt):
                 time.sleep(0.05)  # the main thread runs the handler here
 
 
-def test_a_second_ctrl_c_stops_at_once_as_one_line_and_keeps_the_checkpoints(tmp_path):
+@pytest.fixture
+def usual_ctrl_c():
+    """Python's own Ctrl-C handler for this test: a second SIGINT hands over to whatever handler was there before the
+    run, and an earlier test in the same process may have left another one installed."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
+def test_a_second_ctrl_c_stops_at_once_as_one_line_and_keeps_the_checkpoints(tmp_path, usual_ctrl_c):
     recipe = tiny_recipe("quickstart", "train.max_steps=6", "train.checkpoint_every=1", "log.image_every=0")
     with pytest.raises(RunStopped) as stopped:
         pretrain(recipe, tmp_path / "run", callback=_SignalTwiceAt(2, signal.SIGINT))
