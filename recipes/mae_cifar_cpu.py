@@ -18,7 +18,7 @@ from dataclasses import replace
 
 from sslvit.recipes.quickstart import RECIPE as QUICKSTART
 
-from sslvit.recipe import DataConfig, EvalConfig, TrainConfig
+from sslvit.recipe import DataConfig, EvalConfig
 
 RECIPE = replace(
     QUICKSTART,
