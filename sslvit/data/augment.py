@@ -133,6 +133,13 @@ class DeviceViews:
         return {**batch, "views": [(view - mean) / std for view in views]}
 
 
+def render_on_device(dataset: Any, batch: dict[str, Any]) -> dict[str, Any]:
+    """``batch`` with its views rendered, when ``dataset`` makes them on the device (``data.augment_on=device``);
+    otherwise ``batch`` unchanged (the workers made them). The loop and the fixed visualisation batch both use it."""
+    transform = getattr(dataset, "transform", None)
+    return transform.on_device(batch) if isinstance(transform, DeviceViews) else batch
+
+
 def collate_raw(items: list[RawViews]) -> RawViews:
     """Stack worker outputs, zero-padding pixels to the batch's largest height and width (boxes stay valid)."""
     height = max(item.pixels.shape[1] for item in items)

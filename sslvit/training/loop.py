@@ -20,6 +20,7 @@ from accelerate.utils import send_to_device
 from tqdm.auto import tqdm
 
 from sslvit.checkpoint import latest_checkpoint
+from sslvit.data.augment import render_on_device
 from sslvit.errors import TrainingDiverged
 from sslvit.objectives import Progress
 from sslvit.recipe import Derived, Recipe
@@ -89,12 +90,9 @@ def micro_batches(
     accelerator: Accelerator, loader: Any, streaming: bool, epoch: int, skip: int, per_epoch: int
 ) -> MicroBatches:
     """Yield (epoch, micro-batch) from position (epoch, skip) on, epochs chained; the loop stops at total steps."""
-    on_device = getattr(
-        getattr(loader.dataset, "transform", None), "on_device", None
-    )  # data.augment_on=device renders views here
     while True:
         for batch in _epoch_batches(accelerator, loader, epoch, skip, per_epoch, streaming):
-            yield epoch, on_device(batch) if on_device else batch
+            yield epoch, render_on_device(loader.dataset, batch)  # data.augment_on=device renders the views here
         epoch, skip = epoch + 1, 0
 
 

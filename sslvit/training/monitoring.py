@@ -15,6 +15,7 @@ import torch
 from accelerate import Accelerator
 
 from sslvit import data
+from sslvit.data.augment import render_on_device
 from sslvit.objectives import Objective
 from sslvit.recipe import Recipe
 
@@ -31,8 +32,7 @@ def fixed_batch(dataset: Any, n: int, device: torch.device, streaming: bool) -> 
         return None
     views = batch["views"]
     batch["views"] = [v.to(device) for v in views] if isinstance(views, list) else views.to(device)
-    on_device = getattr(getattr(dataset, "transform", None), "on_device", None)  # data.augment_on=device
-    return on_device(batch) if on_device else batch
+    return render_on_device(dataset, batch)
 
 
 def knn_monitor(recipe: Recipe, accelerator: Accelerator) -> Monitor | None:
