@@ -191,7 +191,9 @@ def measure(recipe: Recipe, case: Case, run_dir: Path) -> dict:
         "img_size": recipe.model.img_size,
         "batch": batch,
         "precision": recipe.train.precision,
-        "num_workers": data.resolve_num_workers(recipe.data),
+        "num_workers": data.resolve_num_workers(
+            recipe.data, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        ),
         "data": recipe.data.path,
         "timed_steps": case.steps,
         **e2e,
@@ -282,6 +284,7 @@ def time_loader(recipe: Recipe, warmup: int, batches: int) -> float:
         drop_last=True,
         cfg=recipe.data,
         seed=recipe.train.seed,
+        device=device,
     )
     it = iter(loader)
     for _ in range(warmup):

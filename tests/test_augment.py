@@ -155,7 +155,7 @@ def test_bad_values_and_objectives_without_tensor_views_are_recipe_errors():
     objective, _ = build_objective(recipe)
     with pytest.raises(RecipeError, match="data.augment_on=device: objective"):
         augment.views_for(objective, recipe.data, torch.device("cpu"))
-    assert augment.resolve("auto", torch.device("cpu")) == "worker"
+    assert augment.resolve("auto", torch.device("cpu")) == "device"
     assert augment.resolve("auto", torch.device("cuda")) == "device"
 
 

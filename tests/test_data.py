@@ -368,6 +368,9 @@ def test_make_loader_end_to_end_skips_corrupt_files(class_folder, workers):
 def test_resolve_num_workers_auto():
     assert data.resolve_num_workers(DataConfig(num_workers=3)) == 3
     assert 1 <= data.resolve_num_workers(DataConfig(num_workers=-1)) <= 8
+    cores = data.resolve_num_workers(DataConfig(num_workers=-1))
+    assert data.resolve_num_workers(DataConfig(num_workers=-1), torch.device("cpu")) == cores - 1
+    assert data.resolve_num_workers(DataConfig(num_workers=2), torch.device("cpu")) == 2
 
 
 def test_worker_augmentations_equal_the_main_process_ones_and_main_rng_is_restored(one_thread):

@@ -119,23 +119,33 @@ def collate_skipping(items: list[tuple[Any, int] | Skipped]) -> dict[str, Any]:
     return {"views": views, "labels": torch.tensor([label for _, label in kept], dtype=torch.long), "skipped": skipped}
 
 
-def resolve_num_workers(cfg: DataConfig) -> int:
-    """``cfg.num_workers``, with -1 meaning min(8, CPU cores this process may use)."""
+def resolve_num_workers(cfg: DataConfig, device: torch.device | None = None) -> int:
+    """``cfg.num_workers``, with -1 meaning min(8, CPU cores this process may use), one fewer when the model
+    trains on the CPU (``device`` cpu): the training process needs a core, and workers on every core slow it
+    (DINO's CIFAR config on 2 cores: 1 worker 1.05x the bare step, 2 workers 0.67x; docs/data.md)."""
     if cfg.num_workers >= 0:
         return cfg.num_workers
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return min(8, cores)
+    return min(8, cores) - 1 if device is not None and device.type == "cpu" else min(8, cores)
 
 
 def make_loader(
-    dataset: Dataset, batch_size: int, *, shuffle: bool, drop_last: bool, cfg: DataConfig, seed: int
+    dataset: Dataset,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    drop_last: bool,
+    cfg: DataConfig,
+    seed: int,
+    device: torch.device | None = None,
 ) -> DataLoader:
     """A DataLoader over ``dataset`` that batches with :func:`collate_skipping`.
 
     Shuffling is seeded (and so are the workers' seeds, which derive from the same generator). An iterable
-    dataset is never shuffled here: a stream shuffles itself (see :func:`sslvit.data.open_stream`).
+    dataset is never shuffled here: a stream shuffles itself (see :func:`sslvit.data.open_stream`). ``device``
+    (the training device) only sizes ``data.num_workers=-1`` (:func:`resolve_num_workers`).
     """
-    workers = resolve_num_workers(cfg)
+    workers = resolve_num_workers(cfg, device)
     generator = torch.Generator()
     generator.manual_seed(seed)
     # these two options are errors in DataLoader when there are no worker processes

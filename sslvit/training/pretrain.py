@@ -133,6 +133,7 @@ def _pretrain(
         drop_last=True,
         cfg=recipe.data,
         seed=recipe.train.seed,
+        device=accelerator.device,
     )
     ignore_in_workers(loader, stop_signals)  # a signal to the process group must not kill a loader worker
     optimizer = make_optimizer(objective, recipe, derived)
