@@ -82,8 +82,10 @@ def sinkhorn_knopp(teacher_out: Tensor, teacher_temp: float, iterations: int = 3
 
     The centring DINOv2 uses instead of DINO's EMA centre: the targets are rebalanced so that each prototype gets
     about ``1/K`` of the batch's mass, and each sample one distribution. Sums are all-reduced across processes,
-    as in [2]. Deviation: the largest logit is subtracted before ``exp`` (the normalisation removes it again), so
-    a low temperature cannot overflow.
+    as in [2]; so is the number of samples, as [2]'s masked-patch variant (ibot_patch_loss.py) does: processes may
+    hold different numbers of masked patches (for CLS tokens it is the columns times the world size, as [2]'s).
+    Deviation: the largest logit is subtracted before ``exp`` (the normalisation removes it again), so a low
+    temperature cannot overflow.
 
     Args:
         teacher_out: ``(N, K)`` teacher head outputs (all global crops of the batch).
@@ -96,8 +98,7 @@ def sinkhorn_knopp(teacher_out: Tensor, teacher_temp: float, iterations: int = 3
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(peak, op=dist.ReduceOp.MAX)
     q = torch.exp(logits - peak).t()  # (K, N), [2]'s notation
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    samples, prototypes = q.shape[1] * world, q.shape[0]
+    samples, prototypes = _global_count(q.shape[1], q.device), q.shape[0]
     total = q.sum()
     _all_reduce(total)
     q /= total
@@ -110,6 +111,15 @@ def sinkhorn_knopp(teacher_out: Tensor, teacher_temp: float, iterations: int = 3
         q /= samples
     q *= samples  # columns sum to 1: an assignment per sample
     return q.t()
+
+
+def _global_count(count: int, device: torch.device) -> int:
+    """``count`` summed over all processes (``count`` itself in one process)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return count
+    total = torch.tensor([count], dtype=torch.long, device=device)
+    dist.all_reduce(total)
+    return int(total.item())
 
 
 def _all_reduce(tensor: Tensor) -> None:
