@@ -2,6 +2,12 @@
 
 Accelerate ignores a multi-process launch on a machine without a GPU unless it is told ``cpu=True``: each
 process would then run alone (and they would overwrite each other's files). With it, they join one gloo group.
+
+FSDP on the CPU: Accelerate 1.15 turns an FSDP launch into ``DistributedType.FSDP`` only for GPU-like devices
+(``AcceleratorState.__init__`` checks ``ACCELERATE_USE_FSDP`` inside its MULTI_GPU/XPU/NPU/... branch); with
+``cpu=True`` it stays ``MULTI_CPU`` and the model is wrapped in DDP, silently. Its FSDP2 code itself
+(``fsdp2_prepare_model``, DCP checkpoints, the DTensor-aware gradient clipping) has nothing device-specific, and
+torch's ``fully_shard`` runs on gloo, so :func:`make_accelerator` promotes such a launch to FSDP2 itself.
 """
 
 from __future__ import annotations
@@ -12,8 +18,12 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from torch import nn
+from torch.distributed.tensor import DTensor
+
+from sslvit.errors import UserError
 
 log = logging.getLogger("sslvit")
 
@@ -39,7 +49,68 @@ def make_accelerator(**kwargs: Any) -> Accelerator:
         raise RuntimeError(
             f"launched {launched_world_size()} processes but Accelerate joined {accelerator.num_processes}"
         )
+    if fsdp_requested() and accelerator.distributed_type == DistributedType.MULTI_CPU:
+        _fsdp2_on_cpu(accelerator)
     return accelerator
+
+
+def fsdp_requested() -> bool:
+    """Whether the launcher asked for FSDP (``accelerate launch`` with ``distributed_type: FSDP`` sets this)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+def plain_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` as an ordinary tensor: a DTensor (under FSDP2 the gradient norm is a replicated one) is gathered.
+
+    Collective for a DTensor: every process must call it. Anything else is returned as it is.
+    """
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def is_sharded(module: nn.Module) -> bool:
+    """Whether any of ``module``'s parameters is an FSDP2 shard (a DTensor)."""
+    return any(isinstance(p, DTensor) for p in module.parameters())
+
+
+def unsharded(module: nn.Module, build: Callable[[], nn.Module], keep: bool = True) -> nn.Module:
+    """``module`` itself, or when its parameters are sharded a fresh ``build()`` holding its full (gathered) weights.
+
+    Collective when sharded: every process must call it (each DTensor is gathered with ``full_tensor``, in
+    state-dict order, the same on every process). The copy is built only where ``keep`` (the process that exports);
+    elsewhere ``module`` is returned. The full state dict is loaded strictly: a key or shape that differs from
+    ``build()``'s raises instead of exporting something timm would not load.
+    """
+    if not is_sharded(module):
+        return module
+    state = {key: plain_tensor(value).detach().cpu() for key, value in module.state_dict().items()}
+    if not keep:
+        return module
+    plain = build()
+    plain.load_state_dict(state, strict=True)
+    return plain
+
+
+def _fsdp2_on_cpu(accelerator: Accelerator) -> None:
+    """Turn a ``MULTI_CPU`` (gloo) Accelerator into FSDP2, as Accelerate does by itself on GPUs.
+
+    The plugin is read from the launcher's ``FSDP_*`` variables, exactly as Accelerate reads it; the state gets
+    the two fields its GPU branch would have set (``distributed_type``, ``fsdp_plugin``), so that ``prepare``
+    shards the model with ``fully_shard`` and ``save_state``/``load_state`` write and read DCP checkpoints.
+
+    Raises:
+        UserError: the config asks for FSDP1, which needs a GPU.
+    """
+    plugin = FullyShardedDataParallelPlugin()
+    if plugin.fsdp_version != 2:
+        raise UserError(
+            f"FSDP on the CPU needs fsdp_version: 2 in the Accelerate config (it has {plugin.fsdp_version}); "
+            "FSDP1 runs on GPUs only"
+        )
+    if accelerator.mixed_precision != "no":
+        plugin.set_mixed_precision(accelerator.mixed_precision)
+    accelerator.state.fsdp_plugin = plugin
+    # both shared states: a later AcceleratorState() copies PartialState's distributed_type over its own
+    PartialState().distributed_type = accelerator.state.distributed_type = DistributedType.FSDP
 
 
 class _CompileState:
