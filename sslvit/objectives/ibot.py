@@ -20,7 +20,8 @@ this module adds [1]'s masked-image-modelling part:
 - the student sees the masked global crops (a learned ``mask_token`` replaces each masked patch embedding before
   the position embedding, as [1]'s ``masked_embed``), the teacher the unmasked ones; local crops are never masked.
 - the patch loss ([1]'s ``iBOTLoss`` ``v == q`` term): per global crop, the cross-entropy between the teacher's
-  centred, sharpened softmax (its own temperature schedule, ``teacher_patch_temp``) and the student's softmax on
+  centred, sharpened softmax (its own temperature, ``teacher_patch_temp``, whose warmup waits for
+  ``pred_start_epoch`` as [1]'s ``teacher_temp2_schedule``) and the student's softmax on
   each *masked* patch, averaged over the masked patches of an image, then over images (an unmasked image counts
   as 0) and the 2 crops. Its centre is an EMA (``center_momentum``) of the mean teacher patch output over *all*
   patches of the global crops ([1]'s ``center2``; [2] centres on the masked ones).
@@ -80,7 +81,7 @@ class IBOTConfig(DINOConfig):
     patch_out_dim: int | None = None  # the separate patch head's width; None = out_dim (must be, with shared_head)
     shared_head: bool = True  # False: a separate patch head ([2]'s ibot.separate_head, on in its vitl14 config)
     warmup_teacher_patch_temp: float = 0.04
-    teacher_patch_temp: float = 0.07  # warms up over warmup_teacher_temp_epochs, like teacher_temp
+    teacher_patch_temp: float = 0.07  # warms up like teacher_temp, from pred_start_epoch on ([1]'s temp2 schedule)
     lambda1: float = 1.0  # weight of the CLS-token (DINO) loss
     lambda2: float = 1.0  # weight of the masked-patch loss
     # One pair is chosen per crop, then drawn in ratio +- var. Two pairs, as --set parses fixed-length tuples:
@@ -113,6 +114,17 @@ class IBOTConfig(DINOConfig):
         for ok, message in checks:
             if not ok:
                 raise RecipeError(message)
+
+
+def patch_temperature(cfg: IBOTConfig, whole_epoch: int) -> float:
+    """[1]'s ``teacher_temp2_schedule``: the CLS temperature's warmup (``warmup_teacher_temp_epochs``, from
+    ``warmup_teacher_patch_temp`` to ``teacher_patch_temp``), delayed by ``pred_start_epoch`` epochs held at
+    ``warmup_teacher_patch_temp`` (its ``mim_start_epoch``)."""
+    if whole_epoch < cfg.pred_start_epoch:
+        return cfg.warmup_teacher_patch_temp
+    patch_cfg = SimpleNamespace(warmup_teacher_temp=cfg.warmup_teacher_patch_temp, teacher_temp=cfg.teacher_patch_temp,
+                                warmup_teacher_temp_epochs=cfg.warmup_teacher_temp_epochs)  # fmt: skip
+    return teacher_temperature(patch_cfg, whole_epoch - cfg.pred_start_epoch)
 
 
 def draw_pred_ratio(cfg: IBOTConfig) -> float:
@@ -211,6 +223,9 @@ class IBOT(DINO):
 
     name = "ibot"
     Config = IBOTConfig
+    # No tensor path (data.augment_on=device): DINO's Augmentation renders the crops but not the masks, which are
+    # drawn per sample in the PIL transform (views()); auto therefore falls back to the workers.
+    augmentation = None  # type: ignore[assignment]
 
     def __init__(self, encoder: nn.Module, cfg: IBOTConfig) -> None:
         if not isinstance(encoder, VisionTransformer) or encoder.cls_token is None:
@@ -250,11 +265,7 @@ class IBOT(DINO):
         return self.student_patch_head, self.teacher_patch_head
 
     def _patch_temperature(self, whole_epoch: int) -> float:
-        cfg = self.cfg
-        patch_cfg = SimpleNamespace(warmup_teacher_temp=cfg.warmup_teacher_patch_temp,
-                                    teacher_temp=cfg.teacher_patch_temp,
-                                    warmup_teacher_temp_epochs=cfg.warmup_teacher_temp_epochs)  # fmt: skip
-        return teacher_temperature(patch_cfg, whole_epoch)
+        return patch_temperature(self.cfg, whole_epoch)
 
     def views(self) -> Callable[[Any], Any]:
         """DINO's crops, then a mask per global crop (per sample, as [1]'s ``ImageFolderMask``)."""
