@@ -5,7 +5,9 @@ of bytedance/ibot (commit 2cd42846b0d93b76848b5897eeff0d38c5bfef6d) gives for Vi
 ``./run.sh imagenet_pretrain $JOB_NAME vit_small teacher 16 --teacher_temp 0.07 --warmup_teacher_temp_epochs 30
 --norm_last_layer false --epochs 800 --batch_size_per_gpu 64 --shared_head true --out_dim 8192
 --local_crops_number 10 --global_crops_scale 0.25 1 --local_crops_scale 0.05 0.25 --pred_ratio 0 0.3
---pred_ratio_var 0 0.2``; every other value the default of main_ibot.py (commit
+--pred_ratio_var 0 0.2``. ``--shared_head true`` with main_ibot.py's default ``--shared_head_teacher true`` is one
+head for the CLS and patch tokens in the student and the teacher: ``patch_head="shared"`` (not ``"shared_mlp"``,
+main_ibot.py's own ``--shared_head`` default). Every other value is the default of main_ibot.py (commit
 564f363d52830fecb416e472ca371e35ea1b5869): patch 16, warmup_teacher_temp 0.04, patch temperatures 0.04 -> 0.07,
 student temp 0.1, centre momenta 0.9, momentum_teacher 0.996 (cosine to 1), freeze_last_layer 1 epoch,
 lambda1 = lambda2 = 1, block masks with aspect ratio (0.3, 1/0.3) from epoch 0, lr 0.0005 x batch / 256 with 10
@@ -25,7 +27,7 @@ from sslvit.recipe import DataConfig, ModelConfig, OptimConfig, Recipe, Schedule
 
 RECIPE = Recipe(
     objective=IBOTConfig(
-        out_dim=8192, patch_out_dim=None, shared_head=True, hidden_dim=2048, bottleneck_dim=256,
+        out_dim=8192, patch_out_dim=None, patch_head="shared", hidden_dim=2048, bottleneck_dim=256,
         norm_last_layer=False, freeze_last_layer=1, momentum_teacher=0.996, warmup_teacher_temp=0.04,
         teacher_temp=0.07, warmup_teacher_patch_temp=0.04, teacher_patch_temp=0.07, warmup_teacher_temp_epochs=30,
         student_temp=0.1, center_momentum=0.9, lambda1=1.0, lambda2=1.0, pred_ratio=(0.0, 0.3),

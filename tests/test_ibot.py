@@ -15,10 +15,12 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from sslvit.backbone import build_vit, model_args
 from sslvit.checkpoint import export_encoder
+from sslvit.data.augment import views_for
 from sslvit.errors import RecipeError
 from sslvit.objectives import IBOT, OBJECTIVES, IBOTConfig, Progress
-from sslvit.objectives.ibot import block_mask, masked_patch_cross_entropy, vit_tokens
+from sslvit.objectives.ibot import MaskedViews, block_mask, masked_patch_cross_entropy, vit_tokens
 from sslvit.objectives.teacher import teacher_momentum
+from sslvit.overrides import apply_overrides
 from sslvit.recipe import ModelConfig, load_recipe
 from sslvit.train import pretrain
 from tests.conftest import crops_batch, tiny_recipe
@@ -137,8 +139,8 @@ def test_unmasked_tokens_give_timms_own_pooled_feature():
         torch.testing.assert_close(tokens[:, 0], ibot.teacher_backbone(images))
 
 
-@pytest.mark.parametrize("shared", [True, False])
-def test_the_teacher_gets_no_gradient_and_moves_toward_the_student_by_the_momentum(shared):
+@pytest.mark.parametrize("mode", ["shared", "separate", "shared_mlp"])
+def test_the_teacher_gets_no_gradient_and_moves_toward_the_student_by_the_momentum(mode):
     ibot = make_ibot(
         IBOTConfig(
             out_dim=64,
@@ -146,8 +148,8 @@ def test_the_teacher_gets_no_gradient_and_moves_toward_the_student_by_the_moment
             bottleneck_dim=16,
             local_crop_size=16,
             local_crops_number=2,
-            shared_head=shared,
-            patch_out_dim=None if shared else 48,
+            patch_head=mode,
+            patch_out_dim=None if mode == "shared" else 48,
         )
     )
     out = ibot(crops_batch(ibot))
@@ -156,14 +158,19 @@ def test_the_teacher_gets_no_gradient_and_moves_toward_the_student_by_the_moment
     assert 0 < out["patch_loss_share"] < 1
     out["loss"].backward()
     student_patch, teacher_patch = ibot.patch_heads()
-    assert (student_patch is ibot.student_head) == shared
+    assert (student_patch is ibot.student_head) == (mode == "shared")
     teacher = [*ibot.teacher_backbone.parameters(), *ibot.teacher_head.parameters()]
     student = [*ibot.student_backbone.parameters(), *ibot.student_head.parameters()]
-    if not shared:
+    if mode == "separate":
         assert teacher_patch.last_layer.weight_v.shape[0] == 48
         teacher += list(teacher_patch.parameters())
         student += list(student_patch.parameters())
         assert student_patch.layers[0].weight.grad.abs().sum() > 0
+    if mode == "shared_mlp":  # only the last layer is the patch tokens' own: the EMA must cover it
+        assert ibot.teacher_last_layer2.weight_v.shape[0] == 48
+        teacher += list(ibot.teacher_last_layer2.parameters())
+        student += list(ibot.student_last_layer2.parameters())
+        assert ibot.student_last_layer2.weight_v.grad.abs().sum() > 0
     assert all(p.grad is None and not p.requires_grad for p in teacher)
     torch.optim.SGD([p for p in student if p.requires_grad], lr=1.0).step()
     before = [p.detach().clone() for p in teacher]
@@ -191,8 +198,9 @@ def test_the_export_is_the_teacher_and_loads_strictly_into_timm(tmp_path):
 def test_the_shipped_ibot_recipes_hold_the_readme_values():
     s16 = load_recipe("ibot_vit_s16")
     o = s16.objective
-    assert (o.out_dim, o.shared_head, o.teacher_temp, o.warmup_teacher_temp_epochs, o.norm_last_layer) == (
-        8192, True, 0.07, 30, False)  # fmt: skip
+    # the README's --shared_head true (with --shared_head_teacher's default true): one head for CLS and patches
+    assert (o.out_dim, o.head_mode, o.teacher_temp, o.warmup_teacher_temp_epochs, o.norm_last_layer) == (
+        8192, "shared", 0.07, 30, False)  # fmt: skip
     assert (o.pred_ratio, o.pred_ratio_var, o.local_crops_number, o.global_crops_scale, o.local_crops_scale) == (
         (0.0, 0.3), (0.0, 0.2), 10, (0.25, 1.0), (0.05, 0.25))  # fmt: skip
     assert (s16.schedule.epochs, s16.train.global_batch_size, s16.optim.base_lr) == (800, 1024, 5e-4)
@@ -200,6 +208,8 @@ def test_the_shipped_ibot_recipes_hold_the_readme_values():
         recipe = load_recipe(name)
         recipe.validate()
         assert recipe.objective.name == "ibot"
+        # no tensor path: augment_on=auto makes the views (with their masks) in the workers, on a CPU too
+        assert isinstance(views_for(make_ibot(), recipe.data, torch.device("cpu")), MaskedViews)
     assert load_recipe("quickstart_ibot").model.patch_size == 8
 
 
@@ -232,6 +242,63 @@ def test_rerunning_resumes_with_the_teacher_and_both_centres_restored(tmp_path, 
     assert saved["mask_token"].abs().sum() > 0
     for key in saved:
         torch.testing.assert_close(FirstStateRecorder.first_state[key], saved[key], rtol=0, atol=0)
+
+
+def test_shared_mlp_sends_the_patch_tokens_through_the_cls_heads_mlp_and_last_layer2():
+    """bytedance/ibot's iBOTHead with shared_head=False (models/head.py, c24f870d), for student and teacher: the
+    CLS tokens through mlp and last_layer, the patch tokens through the same mlp and last_layer2; both last layers
+    frozen in the first freeze_last_layer epochs (cancel_gradients_last_layer drops every *last_layer*)."""
+    cfg = IBOTConfig(out_dim=64, hidden_dim=32, bottleneck_dim=16, local_crop_size=16, local_crops_number=2,
+                     patch_head="shared_mlp", patch_out_dim=48, freeze_last_layer=1)  # fmt: skip
+    ibot = make_ibot(cfg)
+    keys = set(ibot.state_dict())
+    assert {"student_last_layer2.weight_v", "teacher_last_layer2.weight_g"} <= keys
+    assert not any(k.startswith(("student_patch_head.", "teacher_patch_head.")) for k in keys)
+    assert torch.equal(ibot.teacher_last_layer2.weight_v, ibot.student_last_layer2.weight_v)  # the teacher copies
+    assert not ibot.student_last_layer2.weight_g.requires_grad  # norm_last_layer, as last_layer
+    seen: dict[str, list[torch.Tensor]] = {}
+    for name in ("student_head", "teacher_head"):
+        for part in ("layers", "last_layer"):
+            module = getattr(getattr(ibot, name), part)
+            module.register_forward_hook(lambda m, a, out, key=f"{name}.{part}": seen.setdefault(key, []).append(out))
+    for name in ("student_last_layer2", "teacher_last_layer2"):
+        getattr(ibot, name).register_forward_hook(lambda m, a, out, key=name: seen.setdefault(key, []).append(out))
+    batch = crops_batch(ibot, n=4)
+    masked = int(torch.cat(batch["views"][-2:]).sum())
+    assert masked > 0
+    ibot.before_step(Progress(step=0, total_steps=20, epochs=2))
+    out = ibot(batch)
+    # student: one MLP pass for the CLS tokens (2 global + 2 local crops of 4), one for the masked patch tokens
+    assert [tuple(x.shape) for x in seen["student_head.layers"]] == [(16, 16), (masked, 16)]
+    assert [tuple(x.shape) for x in seen["student_head.last_layer"]] == [(16, 64)]
+    assert [tuple(x.shape) for x in seen["student_last_layer2"]] == [(masked, 48)]
+    expected = ibot.student_last_layer2(F.normalize(seen["student_head.layers"][1], dim=-1))
+    torch.testing.assert_close(seen["student_last_layer2"][0], expected)
+    # teacher: its MLP on the CLS tokens, then on every patch token of the global crops (8 images x 8 x 8)
+    assert [tuple(x.shape) for x in seen["teacher_head.layers"]] == [(8, 16), (8, 64, 16)]
+    assert [tuple(x.shape) for x in seen["teacher_last_layer2"]] == [(8, 64, 48)]
+    out["loss"].backward()
+    assert ibot.student_head.layers[0].weight.grad.abs().sum() > 0
+    assert ibot.student_last_layer2.weight_v.grad.abs().sum() > 0
+    ibot.after_backward(Progress(step=0, total_steps=20, epochs=2))  # epoch 0 < freeze_last_layer
+    assert ibot.student_last_layer2.weight_v.grad is None and ibot.student_head.last_layer.weight_v.grad is None
+    assert ibot.student_head.layers[0].weight.grad is not None
+
+
+def test_the_patch_head_option_and_the_older_shared_head_switch():
+    assert IBOTConfig().head_mode == "shared"  # the README commands' --shared_head true
+    assert IBOTConfig(shared_head=False).head_mode == "separate"  # what shared_head=false has meant here
+    assert IBOTConfig(shared_head=False, patch_head="shared_mlp").head_mode == "shared_mlp"
+    recipe = apply_overrides(load_recipe("quickstart_ibot"), ["objective.patch_head=shared_mlp"])
+    recipe.validate()
+    assert recipe.objective.head_mode == "shared_mlp"
+    with pytest.raises(RecipeError, match="contradicts"):
+        IBOTConfig(shared_head=False, patch_head="shared").validate()
+    with pytest.raises(RecipeError, match="patch_out_dim"):
+        IBOTConfig(patch_out_dim=100).validate()
+    IBOTConfig(patch_head="shared_mlp", patch_out_dim=100).validate()
+    with pytest.raises(RecipeError, match="patch_head"):
+        apply_overrides(load_recipe("quickstart_ibot"), ["objective.patch_head=mlp"])
 
 
 def official_ibot_loss(student_cls, student_patch, teacher_cls, teacher_patch, masks, center, center2, temp, temp2):

@@ -2,8 +2,10 @@
 
 [0]: Zhou et al., "iBOT: Image BERT Pre-Training with Online Tokenizer", ICLR 2022, https://arxiv.org/abs/2111.07832
 [1]: bytedance/ibot: main_ibot.py at 564f363d52830fecb416e472ca371e35ea1b5869 (``iBOTLoss``, the argument
-     defaults, the training step) and loader.py at c24f870dc85c0322200e66399c05af193b8c9554 (``ImageFolderMask``:
-     the block masks and their ratios).
+     defaults, the training step), loader.py at c24f870dc85c0322200e66399c05af193b8c9554 (``ImageFolderMask``:
+     the block masks and their ratios) and models/head.py at the same commit (``iBOTHead``: ``last_layer2``);
+     README.md at 2cd42846b0d93b76848b5897eeff0d38c5bfef6d (the ViT-S/16 command). tests/reference pins all of
+     them at da316d82636a7a7356835ef224b13d5f3ace0489, where they are unchanged.
 [2]: facebookresearch/dinov2 at 05c66df0cfa837710197d4769158c87e36afad2c: dinov2/loss/ibot_patch_loss.py
      (``forward_masked``, ``sinkhorn_knopp_teacher``), koleo_loss.py, configs/ssl_default_config.yaml (separate
      DINO and iBOT heads); Oquab et al., "DINOv2", 2023, https://arxiv.org/abs/2304.07193.
@@ -26,9 +28,16 @@ this module adds [1]'s masked-image-modelling part:
   as 0) and the 2 crops. Its centre is an EMA (``center_momentum``) of the mean teacher patch output over *all*
   patches of the global crops ([1]'s ``center2``; [2] centres on the masked ones).
 - total = ``lambda1`` x DINO's CLS loss + ``lambda2`` x patch loss (+ KoLeo as in DINO).
-- heads: ``shared_head=True`` ([1]'s README ViT-S/16) runs the patch tokens through DINO's head; False gives the
-  patch tokens a separate head of the same shape ([2]'s ``ibot_separate_head``: off in dinov2's
-  ssl_default_config.yaml, on in its train/vitl14.yaml).
+- heads, ``patch_head``: ``"shared"`` runs the patch tokens through DINO's head ([1]'s ``--shared_head true``, the
+  README's ViT-S/16 and Swin-T commands, the default here); ``"shared_mlp"`` through DINO's head's MLP and L2
+  normalisation, then a weight-normalised last layer of their own, ``last_layer2`` (``patch_out_dim`` wide; [1]'s
+  ``iBOTHead`` with ``--shared_head false --shared_head_teacher false``), for the student and the teacher alike:
+  the teacher's ``last_layer2`` starts as a copy of the student's and follows it by the EMA, and
+  ``freeze_last_layer`` drops both last layers' gradients, as [1]'s ``cancel_gradients_last_layer`` does for
+  every ``*last_layer*``; ``"separate"`` gives the patch tokens a head of their own of the same shape ([2]'s
+  ``ibot_separate_head``: off in dinov2's ssl_default_config.yaml, on in its train/vitl14.yaml; not in [1]).
+  The older ``shared_head`` switch still works when ``patch_head`` is not set: true is ``"shared"``, false is
+  ``"separate"`` (not [1]'s ``--shared_head false``, which is ``"shared_mlp"``).
 
 lightly's pieces: ``IBOTPatchLoss`` computes the patch loss with the EMA centre (its centre update is moved to
 :meth:`after_step`, as DINO moves DINOLoss's, and fed all patches like [1]). Not used, and why:
@@ -40,23 +49,30 @@ that the teacher and the export use; ``DINOv2ProjectionHead`` has no ``freeze_la
 so the separate head is DINO's ``DINOProjectionHead`` (the same layers, [1]'s options kept).
 
 Deviations from [1] besides DINO's: the teacher has no (unused) mask token; the student's head runs on the masked
-patch tokens only (the loss only reads those; the teacher's runs on all patches for the centre); iBOT's third head
-mode (a shared MLP with a separate last layer, ``--shared_head false``) is not offered; ``pred_start_epoch`` empties
-the masks in the objective (the transform does not know the epoch).
+patch tokens only (the loss only reads those; the teacher's runs on all patches for the centre); ``pred_start_epoch``
+empties the masks in the objective (the transform does not know the epoch); no ``data.augment_on=device`` path
+(the masks are drawn in the PIL transform). Of [1]'s two head flags, main_ibot.py's defaults (``--shared_head
+false``, ``--shared_head_teacher true``: a student with ``last_layer2`` beside a teacher whose patch tokens use its
+CLS last layer, the student's ``last_layer2`` then outside the EMA) are not offered; its README commands set
+``--shared_head true`` (``"shared"``), and ``"shared_mlp"`` is the two flags false.
 """
 
 from __future__ import annotations
 
 import math
 import random
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from types import SimpleNamespace
 from typing import Any, Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from lightly.loss import IBOTPatchLoss
+from lightly.models.modules import DINOProjectionHead
 from lightly.models.modules.center import Center
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
@@ -78,8 +94,12 @@ class IBOTConfig(DINOConfig):
 
     name: Literal["ibot"] = "ibot"  # type: ignore[assignment]
     out_dim: int = 8192
-    patch_out_dim: int | None = None  # the separate patch head's width; None = out_dim (must be, with shared_head)
-    shared_head: bool = True  # False: a separate patch head ([2]'s ibot.separate_head, on in its vitl14 config)
+    patch_out_dim: int | None = None  # the patch outputs' width; None = out_dim (must be, with patch_head shared)
+    # How the patch tokens are projected (see the module docstring): "shared" (the CLS head, [1]'s README),
+    # "shared_mlp" (the CLS head's MLP, then a last layer of its own: [1]'s --shared_head false), "separate" (a head
+    # of its own: [2]'s ibot.separate_head). None: from the older switch shared_head (true: shared, false: separate).
+    patch_head: Literal["shared", "shared_mlp", "separate"] | None = None
+    shared_head: bool = True  # kept for existing recipes; patch_head, when set, decides
     warmup_teacher_patch_temp: float = 0.04
     teacher_patch_temp: float = 0.07  # warms up like teacher_temp, from pred_start_epoch on ([1]'s temp2 schedule)
     lambda1: float = 1.0  # weight of the CLS-token (DINO) loss
@@ -108,12 +128,21 @@ class IBOTConfig(DINOConfig):
             (min(self.warmup_teacher_patch_temp, self.teacher_patch_temp) > 0,
              "objective.warmup_teacher_patch_temp and teacher_patch_temp must be positive"),
             (self.patch_out_dim is None or self.patch_out_dim > 0, "objective.patch_out_dim must be positive"),
-            (not self.shared_head or self.patch_out_dim in (None, self.out_dim),
-             "objective.shared_head=true uses one head: patch_out_dim must be null or equal out_dim"),
+            (self.shared_head or self.patch_head != "shared",
+             "objective.shared_head=false contradicts objective.patch_head=shared: set only patch_head"),
+            (self.head_mode != "shared" or self.patch_out_dim in (None, self.out_dim),
+             "objective.patch_head=shared uses one head: patch_out_dim must be null or equal out_dim"),
         ]  # fmt: skip
         for ok, message in checks:
             if not ok:
                 raise RecipeError(message)
+
+    @property
+    def head_mode(self) -> Literal["shared", "shared_mlp", "separate"]:
+        """``patch_head``, or what the older ``shared_head`` switch means when it is not set."""
+        if self.patch_head is not None:
+            return self.patch_head
+        return "shared" if self.shared_head else "separate"
 
 
 def patch_temperature(cfg: IBOTConfig, whole_epoch: int) -> float:
@@ -172,6 +201,23 @@ def random_mask(height: int, width: int, ratio: float) -> np.ndarray:
     flat[: int(ratio * height * width)] = True
     np.random.shuffle(flat)
     return flat.reshape(height, width)
+
+
+def weight_normed_last_layer(in_dim: int, out_dim: int, norm_last_layer: bool) -> nn.Module:
+    """A last layer like lightly's ``DINOProjectionHead``'s (and [1]'s ``last_layer2``): bias-free, torch's default
+    linear init, weight-normalised with ``weight_g`` at 1, frozen when ``norm_last_layer``."""
+    with warnings.catch_warnings():  # torch's deprecated weight_norm, as lightly's head (weight_g / weight_v keys)
+        warnings.filterwarnings("ignore", message=".*weight_norm.* is deprecated", category=FutureWarning)
+        layer = nn.utils.weight_norm(nn.Linear(in_dim, out_dim, bias=False))
+    layer.weight_g.data.fill_(1)
+    layer.weight_g.requires_grad = not norm_last_layer
+    return layer
+
+
+def shared_mlp_forward(head: DINOProjectionHead, last_layer: nn.Module, tokens: Tensor) -> Tensor:
+    """[1]'s ``iBOTHead`` patch branch with ``shared_head=False``: the CLS head's MLP and L2 normalisation, then the
+    patch tokens' own ``last_layer``."""
+    return last_layer(F.normalize(head.layers(tokens), dim=-1, p=2))
 
 
 class MaskedViews:
@@ -235,11 +281,20 @@ class IBOT(DINO):
         self.grid = self.global_crop_size // patch_size(encoder)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, encoder.embed_dim))  # [1]'s masked_embed starts at 0
         patch_dim = cfg.patch_out_dim or cfg.out_dim
-        if not cfg.shared_head:  # shared: the CLS heads serve the patches too (not registered twice)
+        # shared: the CLS heads serve the patches too (nothing more is registered)
+        self.patch_modules: tuple[str, ...] = ()  # the patch-only modules: student_<name>, teacher_<name>
+        if cfg.head_mode == "separate":
             self.student_patch_head = self._head(patch_dim)
             self.teacher_patch_head = self._head(patch_dim)
-            self.teacher_patch_head.load_state_dict(self.student_patch_head.state_dict())
-            self.teacher_patch_head.requires_grad_(False)
+            self.patch_modules = ("patch_head",)
+        elif cfg.head_mode == "shared_mlp":  # [1]'s iBOTHead(shared_head=False) for the student and the teacher
+            self.student_last_layer2 = weight_normed_last_layer(cfg.bottleneck_dim, patch_dim, cfg.norm_last_layer)
+            self.teacher_last_layer2 = weight_normed_last_layer(cfg.bottleneck_dim, patch_dim, cfg.norm_last_layer)
+            self.patch_modules = ("last_layer2",)
+        for name in self.patch_modules:  # the teacher starts as a copy of the student
+            student, teacher = getattr(self, f"student_{name}"), getattr(self, f"teacher_{name}")
+            teacher.load_state_dict(student.state_dict())
+            teacher.requires_grad_(False)
         self.patch_loss = IBOTPatchLoss(output_dim=patch_dim, student_temp=cfg.student_temp,
                                         center_momentum=cfg.center_momentum)  # fmt: skip
         # As DINO does with its centre: the loss's own update (masked patches) is replaced by one in after_step,
@@ -258,11 +313,16 @@ class IBOT(DINO):
         finally:
             self.cfg.out_dim = saved
 
-    def patch_heads(self) -> tuple[nn.Module, nn.Module]:
-        """The (student, teacher) heads of the patch tokens: DINO's with ``shared_head``, else their own."""
-        if self.cfg.shared_head:
+    def patch_heads(self) -> tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]]:
+        """The (student, teacher) projections of the patch tokens, by ``cfg.head_mode``: DINO's heads (shared),
+        their MLPs then ``last_layer2`` (shared_mlp), or heads of their own (separate)."""
+        mode = self.cfg.head_mode
+        if mode == "shared":
             return self.student_head, self.teacher_head
-        return self.student_patch_head, self.teacher_patch_head
+        if mode == "separate":
+            return self.student_patch_head, self.teacher_patch_head
+        return (partial(shared_mlp_forward, self.student_head, self.student_last_layer2),
+                partial(shared_mlp_forward, self.teacher_head, self.teacher_last_layer2))  # fmt: skip
 
     def _patch_temperature(self, whole_epoch: int) -> float:
         return patch_temperature(self.cfg, whole_epoch)
@@ -324,9 +384,14 @@ class IBOT(DINO):
         self._pending_patch_centre.clear()
 
     def after_backward(self, progress: Progress) -> None:
+        """DINO's frozen last layer, and the patch tokens' own last layer with it (as [1]: ``*last_layer*``)."""
         super().after_backward(progress)
-        if not self.cfg.shared_head:
+        mode = self.cfg.head_mode
+        if mode == "separate":
             self.student_patch_head.cancel_last_layer_gradients(progress.whole_epoch)
+        elif mode == "shared_mlp" and progress.whole_epoch < self.cfg.freeze_last_layer:
+            for param in self.student_last_layer2.parameters():
+                param.grad = None
 
     def after_step(self, progress: Progress) -> dict[str, float]:
         logged = super().after_step(progress)
@@ -337,8 +402,8 @@ class IBOT(DINO):
         return {**logged, "teacher_patch_temp": self.teacher_patch_temp}
 
     def update_teacher(self, momentum: float) -> None:
-        """DINO's EMA, plus the separate patch head when there is one."""
+        """DINO's EMA, plus the patch tokens' own head or last layer when there is one."""
         super().update_teacher(momentum)
-        if not self.cfg.shared_head:
-            student, teacher = self.student_patch_head.parameters(), self.teacher_patch_head.parameters()
-            ema_update(teacher, student, momentum)
+        for name in self.patch_modules:
+            student, teacher = getattr(self, f"student_{name}"), getattr(self, f"teacher_{name}")
+            ema_update(teacher.parameters(), student.parameters(), momentum)

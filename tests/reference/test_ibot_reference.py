@@ -65,11 +65,13 @@ def reference_name(name: str) -> str | None:
 
     The wrapper's ``backbone.`` (holding the timm ViT as ``vit``, see ``MaskedViT``) and ``head.``; lightly's
     DINOProjectionHead keeps its MLP in ``layers`` (same indices), the authors' head in ``mlp``; sslvit's
-    ``mask_token`` is the authors' ``masked_embed``.
+    ``mask_token`` is the authors' ``masked_embed``, its ``student_last_layer2`` the head's ``last_layer2``.
     """
     if name == "mask_token":
         return "backbone.masked_embed"
     module, rest = name.split(".", 1)
+    if module.endswith("_last_layer2"):
+        return "head.last_layer2." + rest
     if module.endswith("_head"):
         return "head." + ("mlp." + rest[len("layers.") :] if rest.startswith("layers.") else rest)
     if module.endswith("_backbone"):
@@ -82,7 +84,7 @@ def build_pair(cfg: IBOTConfig, epochs: int = EPOCHS):
     torch.manual_seed(0)
     ours = IBOT(build_vit(MODEL, **IBOT.backbone_kwargs(cfg)), cfg)
     head_args = {"patch_out_dim": cfg.patch_out_dim or cfg.out_dim, "hidden_dim": cfg.hidden_dim,
-                 "bottleneck_dim": cfg.bottleneck_dim, "shared_head": True}  # fmt: skip
+                 "bottleneck_dim": cfg.bottleneck_dim, "shared_head": cfg.head_mode == "shared"}  # fmt: skip
     student = MultiCropWrapper(
         MaskedViT(timm.create_model(MODEL.name, **TIMM_ARGS), masked_im_modeling=True),
         iBOTHead(MODEL.embed_dim, cfg.out_dim, norm_last_layer=cfg.norm_last_layer, **head_args),
@@ -139,6 +141,8 @@ def views_for(step: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
 CASES = {
     "shared_head": dict(norm_last_layer=False),  # bytedance/ibot's README ViT-S/16 command
     "shared_head+pred_start_epoch": dict(pred_start_epoch=1),  # epoch 0 unmasked, the patch temperature held
+    # the MLP shared, last_layer2 of its own (--shared_head false --shared_head_teacher false), narrower
+    "shared_mlp": dict(patch_head="shared_mlp", patch_out_dim=40),
 }
 
 
@@ -192,7 +196,8 @@ def test_six_training_steps_equal_the_authors_loss_centres_gradients_and_teacher
             if param.grad is not None:
                 diff = assert_float32_close(param.grad.view_as(ref_param), ref_param.grad, GRAD_ULPS, what, grad_scale)
                 worst["gradients"] = max(worst["gradients"], diff)
-        assert (ours.student_head.last_layer.weight_v.grad is None) == (epoch < cfg.freeze_last_layer)
+        frozen = [ours.student_head.last_layer] + ([ours.student_last_layer2] if cfg.head_mode == "shared_mlp" else [])
+        assert all((layer.weight_v.grad is None) == (epoch < cfg.freeze_last_layer) for layer in frozen)
 
         # the optimizer is sslvit's own: the authors' EMA gets the student it stepped
         sgd_step(ours_student.values(), LR)
