@@ -1,5 +1,7 @@
-"""iBOT: the patch loss against bytedance/ibot's iBOTLoss (restated), block masks, mask tokens for the student only,
-the teacher EMA, the export, a short quickstart_ibot run and its resume."""
+"""iBOT: the patch loss and a whole step against bytedance/ibot's iBOTLoss (restated in tests/reference/
+ibot_reference.py, whose test_ibot_reference.py compares whole training steps), block masks, mask tokens for the
+student only, the three patch-head modes and their teacher EMA, the export, a short quickstart_ibot run and its
+resume."""
 
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from sslvit.overrides import apply_overrides
 from sslvit.recipe import ModelConfig, load_recipe
 from sslvit.train import pretrain
 from tests.conftest import crops_batch, tiny_recipe
+from tests.reference.ibot_reference import iBOTLoss
 
 TINY = ModelConfig(name="vit_tiny_patch16_224", img_size=32, patch_size=4, depth=2, embed_dim=64, num_heads=2,
                    drop_path_rate=0.1)  # fmt: skip
@@ -37,31 +40,6 @@ def make_ibot(cfg: IBOTConfig = CFG) -> IBOT:
     return IBOT(build_vit(TINY, **IBOT.backbone_kwargs(cfg)), cfg)
 
 
-def official_patch_term(student_patch, teacher_patch, masks, center2, temp2, student_temp=0.1):
-    """bytedance/ibot main_ibot.py (commit 564f363d) ``iBOTLoss.forward``'s patch part, restated in our words.
-
-    Per global crop ``q`` (the ``v == q`` pairs): the teacher's softmax of ``(patch - center2) / temp2`` against the
-    student's log-softmax of ``patch / student_temp``, summed over prototypes; per image the sum over masked
-    patches divided by their count (at least 1); the mean over images; then the mean over the crops. Also its
-    ``update_center`` for ``center2``: the mean over images of each image's mean patch output.
-
-    Args:
-        student_patch, teacher_patch: ``(2B, N, K)`` head outputs of every patch of the 2 global crops.
-        masks: ``(2B, H, W)`` bool.
-    """
-    crops = 2
-    teacher = F.softmax((teacher_patch - center2) / temp2, dim=-1).chunk(crops)
-    student = (student_patch / student_temp).chunk(crops)
-    mask = masks.chunk(crops)
-    total = 0.0
-    for q in range(crops):
-        per_patch = torch.sum(-teacher[q] * F.log_softmax(student[q], dim=-1), dim=-1)
-        m = mask[q].flatten(-2, -1).float()
-        total = total + (torch.sum(per_patch * m, dim=-1) / m.sum(dim=-1).clamp(min=1.0)).mean()
-    batch_centre = teacher_patch.mean(1).sum(dim=0, keepdim=True) / len(teacher_patch)
-    return total / crops, center2 * 0.9 + batch_centre * 0.1
-
-
 def test_the_patch_loss_and_its_centre_equal_bytedance_ibots_patch_term():
     torch.manual_seed(1)
     b, grid, k = 3, 4, 32
@@ -69,7 +47,11 @@ def test_the_patch_loss_and_its_centre_equal_bytedance_ibots_patch_term():
     masks = torch.rand(2 * b, grid, grid) < 0.3
     masks[1] = False  # an unmasked image counts as 0 in the mean over images
     center2 = torch.randn(1, 1, k) * 0.1
-    expected, expected_centre = official_patch_term(student, teacher, masks, center2, 0.05)
+    reference = iBOTLoss(k, k, 2, 0, 0.04, 0.04, 0.05, 0.05, 0, 1)  # patch temperature 0.05
+    reference.center2 = center2.clone()
+    cls = torch.randn(2 * b, k)  # the CLS term is not compared here
+    expected = reference((cls, student), (cls, teacher), None, list(masks.chunk(2)), 0)["patch"]
+    expected_centre = reference.center2
     ibot = make_ibot(IBOTConfig(out_dim=k, hidden_dim=16, bottleneck_dim=8, local_crops_number=0))
     ibot.patch_loss.center.center = center2.view(1, k).clone()
     ibot.teacher_patch_temp = 0.05
@@ -301,23 +283,6 @@ def test_the_patch_head_option_and_the_older_shared_head_switch():
         apply_overrides(load_recipe("quickstart_ibot"), ["objective.patch_head=mlp"])
 
 
-def official_ibot_loss(student_cls, student_patch, teacher_cls, teacher_patch, masks, center, center2, temp, temp2):
-    """bytedance/ibot ``iBOTLoss.forward`` (commit 564f363d), restated: the CLS cross-entropy over every (teacher
-    global crop q, student crop v != q) pair, averaged over pairs; plus the patch term of :func:`official_patch_term`
-    for the v == q pairs; lambda1 = lambda2 = 1. ``student_cls`` holds the global then the local crops."""
-    crops = student_cls.shape[0] // (teacher_cls.shape[0] // 2)
-    teacher = F.softmax((teacher_cls - center) / temp, dim=-1).chunk(2)
-    student = (student_cls / 0.1).chunk(crops)
-    total, terms = 0.0, 0
-    for q in range(2):
-        for v in range(crops):
-            if v != q:
-                total = total + torch.sum(-teacher[q] * F.log_softmax(student[v], dim=-1), dim=-1).mean()
-                terms += 1
-    patch, _ = official_patch_term(student_patch, teacher_patch, masks, center2, temp2)
-    return total / terms + patch
-
-
 @pytest.mark.parametrize("local_crops", [0, 2])
 def test_a_whole_step_equals_bytedance_ibots_loss_on_the_same_heads_and_masks(local_crops):
     cfg = IBOTConfig(out_dim=64, hidden_dim=32, bottleneck_dim=16, local_crop_size=16, local_crops_number=local_crops,
@@ -340,9 +305,11 @@ def test_a_whole_step_equals_bytedance_ibots_loss_on_the_same_heads_and_masks(lo
         student_cls = student_all[:, 0]
         if local_crops:
             student_cls = torch.cat([student_cls, ibot.student_head(ibot.student_backbone(torch.cat(crops[2:])))])
-        centres = ibot.dino_loss.center.view(1, -1), ibot.patch_loss.center.center.view(1, 1, -1)
-        expected = official_ibot_loss(student_cls, student_all[:, 1:], teacher_all[:, 0], teacher_all[:, 1:], masks,
-                                      *centres, 0.05, 0.06)  # fmt: skip
+        reference = iBOTLoss(64, 64, 2, local_crops, 0.05, 0.05, 0.06, 0.06, 0, 1)
+        reference.center = ibot.dino_loss.center.view(1, -1).clone()
+        reference.center2 = ibot.patch_loss.center.center.view(1, 1, -1).clone()
+        expected = reference((student_all[:, 0], student_all[:, 1:]), (teacher_all[:, 0], teacher_all[:, 1:]),
+                             student_cls[8:] if local_crops else None, list(masks.chunk(2)), 0)["loss"]  # fmt: skip
     assert "koleo" not in got  # off: koleo_weight 0
     torch.testing.assert_close(got["loss"], expected, rtol=1e-5, atol=1e-5)
 
