@@ -29,7 +29,7 @@ from tests.reference.ibot_reference import (
     iBOTHead,
     iBOTLoss,
 )
-from tests.reference.tolerance import assert_float32_close
+from tests.reference.tolerance import FLOAT32_EPS, assert_float32_close
 
 # A tiny ViT: 32 px global crops (a 4 x 4 patch grid), 16 px local crops, 8 px patches, width 32, depth 2; no
 # stochastic depth, so that the student's forward is deterministic.
@@ -50,13 +50,15 @@ LR = 0.1  # sslvit's student takes a plain SGD step, large enough that the teach
 # (tests/reference/tolerance.py; gradients: the largest gradient of the student). lightly's DINO loss sums the
 # (teacher crop, student crop) terms in one einsum where the authors loop over pairs, and sslvit's patch loss sums
 # the masked patches of all images at once (weighted by 1 / count) where the authors mask and average per image:
-# a few ulps of the loss, and of the gradients through it. The patch centre is the mean over all patches where the
-# authors average each image's mean; the EMA adds ``(1 - m) * student`` as a fused foreach op (sslvit) where the
+# a few ulps of the loss, and of the gradients through it. The CLS centre is the same formula; the patch centre is
+# the mean over all patches where the authors average each image's mean (another summation order: 1.7 ulps measured
+# at 8,192 prototypes, hence 4); the EMA adds ``(1 - m) * student`` as a fused foreach op (sslvit) where the
 # authors multiply then add: an ulp. Each step starts from equal states (rounding does not compound) and the EMA
 # gets the student sslvit stepped, so each comparison is of one step's computation.
 LOSS_ULPS = 4
 GRAD_ULPS = 16
 CENTRE_ULPS = 2
+PATCH_CENTRE_ULPS = 4
 TEACHER_ULPS = 2
 
 
@@ -138,6 +140,12 @@ def views_for(step: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     return crops, masks
 
 
+def summary(worst: dict[str, float], largest: dict[str, float]) -> str:
+    """``key diff (largest magnitude, diff in float32 ulps of it)``, for the printed summaries."""
+    return ", ".join(f"{k} {v:.3g} ({largest[k]:.3g}, {v / (FLOAT32_EPS * largest[k]):.2g} ulps)" for k, v in
+                     worst.items())  # fmt: skip
+
+
 CASES = {
     "shared_head": dict(norm_last_layer=False),  # bytedance/ibot's README ViT-S/16 command
     "shared_head+pred_start_epoch": dict(pred_start_epoch=1),  # epoch 0 unmasked, the patch temperature held
@@ -207,10 +215,11 @@ def test_six_training_steps_equal_the_authors_loss_centres_gradients_and_teacher
         ema_update_teacher(params_q, params_k, momentum_schedule[it])
 
         assert logged["momentum"] == pytest.approx(momentum_schedule[it], rel=1e-12, abs=1e-15)
-        for key, centre, expected in (("centre", ours.dino_loss.center.view(1, -1), ibot_loss.center),
-                                      ("patch centre", ours.patch_loss.center.center.view(1, 1, -1),
-                                       ibot_loss.center2)):  # fmt: skip
-            worst[key] = max(worst[key], assert_float32_close(centre, expected, CENTRE_ULPS, f"{key} after {it}"))
+        for key, centre, expected, ulps in (
+            ("centre", ours.dino_loss.center.view(1, -1), ibot_loss.center, CENTRE_ULPS),
+            ("patch centre", ours.patch_loss.center.center.view(1, 1, -1), ibot_loss.center2, PATCH_CENTRE_ULPS),
+        ):
+            worst[key] = max(worst[key], assert_float32_close(centre, expected, ulps, f"{key} after {it}"))
             largest[key] = max(largest[key], expected.abs().max().item())
         for name, param in ours_teacher.items():
             what = f"teacher {name} after step {it}"
@@ -223,8 +232,7 @@ def test_six_training_steps_equal_the_authors_loss_centres_gradients_and_teacher
     moved = [(param - ours_student[name.replace("teacher_", "student_", 1)]).abs().max() for name, param in
              ours_teacher.items()]  # fmt: skip
     assert max(moved) > 1e-3
-    print(f"\niBOT {case}, {total} steps: largest difference (largest magnitude): "
-          + ", ".join(f"{k} {v:.3g} ({largest[k]:.3g})" for k, v in worst.items()))  # fmt: skip
+    print(f"\niBOT {case}, {total} steps: largest difference (largest magnitude): " + summary(worst, largest))
 
 
 @pytest.mark.parametrize("epoch", [0, 1])
@@ -258,16 +266,17 @@ def test_the_loss_and_centres_at_the_official_output_size_equal_the_authors(epoc
             worst[key] = max(worst[key], assert_float32_close(value, expected[key], LOSS_ULPS, f"{key} loss"))
             largest[key] = max(largest[key], expected[key].item())
         ours.after_step(progress)  # sslvit moves both centres after the optimizer step
-        for key, centre, ref in (
-            ("centre", ours.dino_loss.center.view(1, k), reference.center),
-            ("patch centre", ours.patch_loss.center.center.view(1, 1, k), reference.center2),
+        for key, centre, ref, ulps in (
+            ("centre", ours.dino_loss.center.view(1, k), reference.center, CENTRE_ULPS),
+            ("patch centre", ours.patch_loss.center.center.view(1, 1, k), reference.center2, PATCH_CENTRE_ULPS),
         ):
-            worst[key] = max(worst[key], assert_float32_close(centre, ref, CENTRE_ULPS, key))
-            largest[key] = max(largest[key], ref.abs().max().item())  # fmt: skip
+            worst[key] = max(worst[key], assert_float32_close(centre, ref, ulps, key))
+            largest[key] = max(largest[key], ref.abs().max().item())
     assert reference.center.abs().max() > 0.1 and reference.center2.abs().max() > 0.01
-    print(f"\niBOT loss at K={k}, epoch {epoch} (temperatures {ours.teacher_temp:.3g}, {ours.teacher_patch_temp:.3g})"
-          f": largest difference (largest magnitude): "
-          + ", ".join(f"{key} {v:.3g} ({largest[key]:.3g})" for key, v in worst.items()))  # fmt: skip
+    print(
+        f"\niBOT loss at K={k}, epoch {epoch} (temperatures {ours.teacher_temp:.3g}, {ours.teacher_patch_temp:.3g})"
+        f": largest difference (largest magnitude): " + summary(worst, largest)
+    )
 
 
 @pytest.mark.parametrize("pred_start_epoch", [0, 50])
