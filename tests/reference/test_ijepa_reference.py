@@ -76,10 +76,11 @@ def masks_for(grid: int, settings: dict) -> tuple[MaskCollator, MultiBlockMasks]
     ids=["14x14", "16x16", "14x14-allow_overlap", "14x14-2-context-blocks", "14x14-crowded"],
 )  # fmt: skip
 def test_masks_from_the_same_generators_equal_the_authors_collators(grid, settings):
-    """Three epochs of four batches of 8 images: the authors' collator seeds each batch's block sizes by its call
-    counter (it never resets between epochs) and places blocks from the global RNG; sslvit's MultiBlockMasks gets a
-    size generator seeded by the same counter and the global generator for every image. Both streams run from one
-    seed, so the batches also consume the global RNG identically."""
+    """Three epochs of four batches of 8 images (one epoch in the crowded case, where redraws are many): the
+    authors' collator seeds each batch's block sizes by its call counter (it never resets between epochs) and places
+    blocks from the global RNG; sslvit's MultiBlockMasks gets a size generator seeded by the same counter and the
+    global generator for every image. Both streams run from one seed, so the batches also consume the global RNG
+    identically."""
     collator, ours = masks_for(grid, settings)
     batches, batch = (4 if settings is CROWDED else 12), 8
     torch.manual_seed(1234)
@@ -105,8 +106,8 @@ def test_masks_from_the_same_generators_equal_the_authors_collators(grid, settin
 
 def mask_statistics(enc: list[torch.Tensor], pred: list[torch.Tensor], grid: int, stats: dict) -> None:
     """Append one batch's statistics: kept lengths, the first image's first target block's height, width and aspect
-    ratio, every target block's top-left corner, how many images of the batch place their first target block at a
-    corner of their own; and check that each context avoids its image's targets."""
+    ratio, every target block's top-left corner, the number of distinct corners among the batch's first target blocks
+    (1 if every image drew the same positions); and check that each context avoids its image's targets."""
     stats["target length"].append(pred[0].shape[1])
     stats["context length"].append(enc[0].shape[1])
     block = pred[0][0]  # a target block is never restricted: all h * w patches, row-major from its top-left corner
@@ -128,12 +129,12 @@ def mask_statistics(enc: list[torch.Tensor], pred: list[torch.Tensor], grid: int
 def test_sslvits_own_seeding_draws_masks_with_the_authors_statistics():
     """sslvit draws sizes from a generator keyed by (step, micro-batch) and positions from per-sample seeds (resume
     replays them); the authors from a counter-seeded generator and the worker's global RNG. The algorithm being the
-    same (above), the draws must have the same distribution: two-sample KS tests over 250 batches of 4 images (1,000
-    images, 4,000 target blocks) on the 14 x 14 grid, the official mask section."""
+    same (above), the draws must have the same distribution: two-sample KS tests over 500 batches of 4 images (2,000
+    images, 8,000 target blocks) on the 14 x 14 grid, the official mask section."""
     torch.manual_seed(0)
     ours = IJEPA(build_vit(MODEL, **IJEPA.backbone_kwargs(TINY)), TINY)
     collator, _ = masks_for(GRID, OFFICIAL)
-    batches, batch = 250, 4
+    batches, batch = 500, 4
     names = ("target length", "context length", "target height", "target width", "target aspect", "target top",
              "target left", "distinct corners")  # fmt: skip
     theirs: dict = {k: [] for k in names}
@@ -146,7 +147,7 @@ def test_sslvits_own_seeding_draws_masks_with_the_authors_statistics():
         mask_statistics(*ours.draw_masks(torch.randint(0, SEED_RANGE, (batch,), generator=seeds)), GRID, mine)
     lines = []
     for name in names:
-        result = ks_2samp(mine[name], theirs[name])
+        result = ks_2samp(mine[name], theirs[name], method="asymp")  # ties: the exact method does not apply
         lines.append(f"{name} mean {np.mean(mine[name]):.3f} vs {np.mean(theirs[name]):.3f} (KS p {result.pvalue:.2f})")
         assert result.pvalue > 1e-3, f"{name}: {lines[-1]}"
     assert min(mine["context length"]) > OFFICIAL["min_keep"] and min(mine["target length"]) > OFFICIAL["min_keep"]
