@@ -54,6 +54,7 @@ def save_checkpoint(accelerator: Any, root: Path, step: int, keep: int, state: d
             f"could not write checkpoint {final.name} in {root}: {err.strerror or err}; the previous checkpoint "
             f"{previous or '(none)'} is intact and the run resumes from it once there is space"
         ) from err
+    accelerator.wait_for_everyone()  # every process has written its files (FSDP: its shard, last of all on rank 0)
     if accelerator.is_main_process:
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)

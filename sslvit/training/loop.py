@@ -19,6 +19,7 @@ from accelerate import Accelerator
 from accelerate.utils import send_to_device
 from tqdm.auto import tqdm
 
+from sslvit.accel import plain_tensor
 from sslvit.checkpoint import latest_checkpoint
 from sslvit.data.augment import render_on_device
 from sslvit.errors import TrainingDiverged
@@ -53,7 +54,9 @@ def optimisation_step(trainer: Trainer, batches: MicroBatches, step: int) -> Ste
     objective.after_backward(progress)
     # clip, then step unless something was not finite (every process takes the same decision)
     accelerator = trainer.accelerator
-    grad_norm = accelerator.clip_grad_norm_(trainer.model.parameters(), recipe.optim.clip_grad or math.inf)
+    grad_norm = plain_tensor(
+        accelerator.clip_grad_norm_(trainer.model.parameters(), recipe.optim.clip_grad or math.inf)
+    )
     finite = torch.isfinite(grad_norm) & torch.isfinite(outputs["loss"])
     stop = stop_requested() is not None
     if accelerator.num_processes > 1:  # the same all-reduce carries the stop request: all stop after this step

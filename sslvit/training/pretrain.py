@@ -24,7 +24,7 @@ from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, broadcast_object_list, set_seed
 
 from sslvit import budget, data
-from sslvit.accel import compile_blocks, launched_world_size, make_accelerator
+from sslvit.accel import compile_blocks, launched_world_size, make_accelerator, unsharded
 from sslvit.backbone import build_backbone, model_args, set_fused_attention
 from sslvit.cache import maybe_decoded
 from sslvit.checkpoint import export_encoder, save_checkpoint
@@ -171,10 +171,16 @@ def _pretrain(
         if accelerator.is_main_process:
             log.warning(message)
         raise RunStopped(STOPPED_EXIT_CODE, message)
-    # export the encoder
+    # export the encoder (sharded by FSDP: gathered first, on every process)
+    kwargs = type(trainer.objective).backbone_kwargs(recipe.objective)
+    encoder = unsharded(
+        trainer.objective.encoder_for_export(),
+        lambda: build_backbone(recipe.model, **kwargs),
+        accelerator.is_main_process,
+    )
     if accelerator.is_main_process:
         info = _encoder_info(trainer.objective, recipe)
-        export_encoder(trainer.objective.encoder_for_export(), info["architecture"], info["model_args"], run.encoder)
+        export_encoder(encoder, info["architecture"], info["model_args"], run.encoder)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     timing = {

@@ -73,8 +73,12 @@ def checkpoint_problem(checkpoint: Path) -> str | None:
         return f"{TRAINER_STATE} records no step"
     files = sorted(p for p in checkpoint.iterdir() if p.is_file())
     weights = [p for p in files if p.suffix == ".safetensors"]
-    if not weights and not any(p.name.startswith("pytorch_model") for p in files):
+    sharded = [p for p in checkpoint.glob("pytorch_model_fsdp*") if p.is_dir()]  # FSDP: distributed checkpoint
+    if not weights and not sharded and not any(p.name.startswith("pytorch_model") for p in files):
         return "it holds no model weights (model.safetensors)"
+    for folder in (*sharded, *(p for p in checkpoint.glob("optimizer_*") if p.is_dir())):
+        if not (folder / ".metadata").is_file():  # written last, once every process wrote its shard
+            return f"{folder.name}/.metadata missing (an incomplete sharded checkpoint)"
     for path in weights:
         problem = _safetensors_problem(path)
         if problem:
