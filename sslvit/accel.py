@@ -12,15 +12,17 @@ torch's ``fully_shard`` runs on gloo, so :func:`make_accelerator` promotes such 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from sslvit.errors import UserError
@@ -88,6 +90,33 @@ def unsharded(module: nn.Module, build: Callable[[], nn.Module], keep: bool = Tr
     plain = build()
     plain.load_state_dict(state, strict=True)
     return plain
+
+
+@contextlib.contextmanager
+def whole_weights(model: nn.Module) -> Iterator[None]:
+    """Under FSDP2, every unit of ``model`` unsharded for the block and kept so across forwards; else nothing.
+
+    For the forwards outside a training step (TensorBoard images on the main process, the online k-NN): a
+    submodule called on its own (the teacher's backbone) finds whole weights, and no forward inside needs the other
+    processes. Collective: every process enters it. Costs the full model's memory for the block's duration.
+    """
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    reshards = [_reshards_after_forward(unit) for unit in units]
+    for unit in units:
+        unit.set_reshard_after_forward(False, recurse=False)
+        unit.unshard()
+    try:
+        yield
+    finally:
+        for unit, reshard in zip(units, reshards, strict=True):
+            unit.reshard()
+            unit.set_reshard_after_forward(reshard, recurse=False)
+
+
+def _reshards_after_forward(unit: FSDPModule) -> bool:
+    # torch 2.14 keeps the setting per parameter group (post_forward_mesh_info None = keep unsharded); no getter
+    state = unit._get_fsdp_state()
+    return any(group.post_forward_mesh_info is not None for group in state._fsdp_param_groups)
 
 
 def _fsdp2_on_cpu(accelerator: Accelerator) -> None:

@@ -6,7 +6,7 @@ With no GPU this runs two gloo processes on the CPU, and ``sslvit.accel.make_acc
 launch into FSDP2. One launch does three tiny DINO pretrainings on digits (imports cost more than the steps):
 
 1. ``fsdp``: 3 steps sharded by the config (one FSDP unit per timm Block, student and teacher alike), checkpoints
-   at steps 2 and 3, the gathered teacher export;
+   at steps 2 and 3, the teacher's attention maps and the online k-NN at step 3, the gathered teacher export;
 2. ``ddp``: the same run with FSDP switched off: DDP, unsharded parameters (the 2-process path that
    tests/test_distributed.py checks against one process), the reference;
 3. ``resumed``: a copy of run 1 without its step-3 checkpoint and export, resumed from the step-2 checkpoint.
@@ -43,7 +43,11 @@ SETTINGS = [
     "train.checkpoint_every=2",
     "train.global_batch_size=16",
     "train.batch_size_per_device=8",
-    "log.image_every=0",
+    "log.image_every=3",  # the teacher's attention maps at the end: forwards outside the training step
+    "log.num_images=2",
+    "eval.knn_every=3",
+    "eval.limit_train=200",
+    "eval.limit_test=100",
     "optim.base_lr=0.01",  # with a faster teacher than the recipe's: the EMA moves it visibly in 3 steps
     "objective.momentum_teacher=0.9",
 ]

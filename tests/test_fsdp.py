@@ -19,6 +19,7 @@ import timm
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from tests.test_dino import _free_port
 
@@ -86,6 +87,15 @@ def test_sharded_training_equals_unsharded_ddp(check):
     centres = [np.array([s["center"] for s in r["fsdp"]]) for r in ranks]
     np.testing.assert_array_equal(centres[0], centres[1])
     assert np.abs(centres[0][-1]).sum() > 0
+
+
+def test_images_and_knn_run_on_the_sharded_model_and_match_ddp(check):
+    out, *_, log = check
+    knn = [line for line in log.splitlines() if "step 3: k-NN" in line]
+    assert len(knn) == 3 and len(set(knn)) == 1, knn  # fsdp, ddp, resumed: the same top-1 and top-5
+    for run in ("fsdp", "ddp"):
+        images = EventAccumulator(str(out / run / "tensorboard"), size_guidance={"images": 0}).Reload()
+        assert "dino/teacher_attention" in images.Tags()["images"]
 
 
 def test_a_sharded_checkpoint_resumes_exactly(check):

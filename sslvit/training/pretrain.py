@@ -24,7 +24,7 @@ from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, broadcast_object_list, set_seed
 
 from sslvit import budget, data
-from sslvit.accel import compile_blocks, launched_world_size, make_accelerator, unsharded
+from sslvit.accel import compile_blocks, launched_world_size, make_accelerator, unsharded, whole_weights
 from sslvit.backbone import build_backbone, model_args, set_fused_attention
 from sslvit.cache import maybe_decoded
 from sslvit.checkpoint import export_encoder, save_checkpoint
@@ -236,10 +236,10 @@ def _train_loop(
         # log, then the periodic work this step is due for
         window.add(step, result)
         if recipe.log.image_every and vis_batch is not None and (step % recipe.log.image_every == 0 or step == total):
-            with _timed(callback, "images"):
+            with _timed(callback, "images"), whole_weights(trainer.model):  # FSDP: gathered on every process
                 log_images(accelerator, objective, vis_batch, step)
         if monitor is not None and (step % recipe.eval.knn_every == 0 or step == total):
-            with _timed(callback, "knn"):
+            with _timed(callback, "knn"), whole_weights(trainer.model):
                 window.last.update(monitor(objective.encoder_for_export(), step))
         if result.stop and step < total:  # every process saw the request in this step's all-reduce
             stopped = stop_requested() or "a stop signal to another process"
