@@ -20,7 +20,7 @@ from sslvit.recipe import apply_overrides, load_recipe
 from sslvit.train import pretrain
 
 DEMO_RECIPES = ("quickstart", "quickstart_dino")
-# DINO learns slowly (docs/quality.md): a fixed share of the demo's 5 minutes on any machine (258 steps here)
+# DINO learns slowly (docs/quality.md): a fixed share of the demo's 5 minutes on any machine (439 steps here)
 DEMO_OVERRIDES = {"quickstart_dino": ["train.max_steps=0", "train.budget_minutes=1.5"]}
 EXTRA = {"knn": [], "linear_probe": ["--epochs", "30"]}  # fewer probe epochs than the protocol: a demo, not a benchmark
 

@@ -34,7 +34,9 @@ def _colourful(height: int = 40, width: int = 48) -> Image.Image:
 
 @pytest.fixture(scope="module")
 def dino():
-    objective, _ = build_objective(tiny_recipe("quickstart_dino", *TINY_DINO))
+    official_views = ["objective.hflip_prob=0.5", "objective.blur_probs=[1.0,0.1,0.5]",
+                      "objective.solarization_prob=0.2"]  # fmt: skip
+    objective, _ = build_objective(tiny_recipe("quickstart_dino", *TINY_DINO, *official_views))  # DINO's own views
     return objective
 
 
