@@ -1,0 +1,26 @@
+"""iBOT on CIFAR-10 for a CPU budget: quickstart_ibot's 4-block, 128-wide ViT with 8 px patches. NOT an official recipe.
+
+What it is: ``quickstart_ibot`` (DINO's CLS loss + bytedance/ibot's masked-patch loss, one shared 1024-way head,
+half of the global crops block-masked at 0.1-0.5, KoLeo 0.1, base lr 1e-3, momentum 0.99 -> 1, 2 local crops of
+16 px, DINO's own views) on CIFAR-10 in bf16 with the decode cache: the iBOT counterpart of ``dino_cifar_cpu``
+(the same backbone and batch). Not tuned for iBOT on its own. iBOT makes its views with PIL (its masks are drawn
+with the views; there is no tensor path), so a step costs more per image than ``dino_cifar_cpu``'s.
+Hardware: a 2-core CPU, with ``train.budget_minutes``.
+Measured (this project's 2-core Xeon, one pinned core, nothing else running): see docs/quality.md "Fourth round".
+
+Launch:
+    python pretrain.py --recipe ibot_cifar_cpu --set data.path=../shared/data/cifar10 train.budget_minutes=15
+"""
+
+from dataclasses import replace
+
+from sslvit.recipes.quickstart_ibot import RECIPE as QUICKSTART_IBOT
+
+from sslvit.recipe import DataConfig, EvalConfig
+
+RECIPE = replace(
+    QUICKSTART_IBOT,
+    data=DataConfig(path="", split="train", decode_cache_mb=256),  # CIFAR-10 decoded once: 147 MiB
+    train=replace(QUICKSTART_IBOT.train, precision="bf16", checkpoint_every=1000),
+    eval=EvalConfig(),  # the quickstart's online k-NN on digits does not apply
+)
