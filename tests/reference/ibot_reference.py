@@ -46,6 +46,8 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from torch import Tensor, nn
 
+from tests.reference import dino_reference
+
 # --- models/vision_transformer.py (shim 5) --------------------------------------------------------------------------
 
 
@@ -82,31 +84,11 @@ class MaskedViT(nn.Module):
 # --- utils.py -------------------------------------------------------------------------------------------------------
 
 
-def cosine_scheduler(
-    base_value: float, final_value: float, epochs: int, niter_per_ep: int, warmup_epochs: int = 0,
-    start_warmup_value: float = 0,
-) -> np.ndarray:  # fmt: skip
-    """One value per iteration: ``np.linspace(start_warmup_value, base_value, W)`` over the ``W`` warmup
-    iterations, then ``final + 0.5 * (base - final) * (1 + cos(pi * i / n))`` for ``i = 0 .. n - 1``."""
-    warmup = np.array([])
-    warmup_iters = warmup_epochs * niter_per_ep
-    if warmup_epochs > 0:
-        warmup = np.linspace(start_warmup_value, base_value, warmup_iters)
-    iters = np.arange(epochs * niter_per_ep - warmup_iters)
-    cosine = final_value + 0.5 * (base_value - final_value) * (1 + np.cos(np.pi * iters / len(iters)))
-    schedule = np.concatenate((warmup, cosine))
-    assert len(schedule) == epochs * niter_per_ep
-    return schedule
-
-
-def cancel_gradients_last_layer(epoch: int, model: nn.Module, freeze_last_layer: int) -> None:
-    """Before epoch ``freeze_last_layer``, drop the gradients of every parameter named ``*last_layer*`` (so iBOT's
-    ``last_layer2`` too)."""
-    if epoch >= freeze_last_layer:
-        return
-    for name, param in model.named_parameters():
-        if "last_layer" in name:
-            param.grad = None
+# bytedance/ibot utils.py's ``cosine_scheduler`` and ``cancel_gradients_last_layer`` are, line for line,
+# facebookresearch/dino utils.py's (compared at both pinned commits): the DINO restatement serves both. Its
+# ``*last_layer*`` name match also drops iBOT's ``last_layer2``.
+cosine_scheduler = dino_reference.cosine_scheduler
+cancel_gradients_last_layer = dino_reference.cancel_gradients_last_layer
 
 
 class MultiCropWrapper(nn.Module):
