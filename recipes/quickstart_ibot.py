@@ -9,7 +9,8 @@ the global crops block-masked at 0.1-0.5 (bytedance/ibot's README ratios); 18 ep
 4.5 warmup epochs.
 Tuned: quickstart_dino's first-round values (KoLeo 0.1, base lr 1e-3, no frozen last layer, 2 local crops,
 teacher temperature 0.02 throughout, momentum 0.99 -> 1, batch 64, fp32; quickstart_dino has since moved to batch
-32 and momentum 0.98, docs/quality.md), the patch temperature at the same 0.02; not measured for iBOT on its own.
+32, momentum 0.98, views for grey digits and teacher temperature 0.04, docs/quality.md), the patch temperature
+at the same 0.02; not measured for iBOT on its own.
 Hardware: 2 CPU cores.
 Expected (measured: benchmarks/quality.py --recipe quickstart_ibot --data digits --steps 400, one pinned core,
 340 s of training): digits k-NN (k=20) 68.9% against 42.5% for the same ViT at random init, linear probe 82.8% vs
