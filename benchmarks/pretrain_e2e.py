@@ -274,7 +274,7 @@ def time_pretrain(recipe: Recipe, run_dir: Path, warmup: int, steps: int) -> dic
 def time_loader(recipe: Recipe, warmup: int, batches: int) -> float:
     """Images/s of the pretraining DataLoader alone: same source, views, seeding, workers and batch."""
     # the loop's own data opening (decode cache included); the accelerator is read only for a stream
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # for data.augment_on=auto
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # sizes data.num_workers=-1
     where = SimpleNamespace(device=device, process_index=0, num_processes=1)
     dataset, _, _ = train_module._open_data(recipe, train_module.build_objective(recipe)[0], where)
     loader = data.make_loader(

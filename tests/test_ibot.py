@@ -191,7 +191,7 @@ def test_the_shipped_ibot_recipes_hold_the_readme_values():
         recipe.validate()
         assert recipe.objective.name == "ibot"
         # no tensor path: augment_on=auto makes the views (with their masks) in the workers, on a CPU too
-        assert isinstance(views_for(make_ibot(), recipe.data, torch.device("cpu")), MaskedViews)
+        assert isinstance(views_for(make_ibot(), recipe.data), MaskedViews)
     assert load_recipe("quickstart_ibot").model.patch_size == 8
 
 

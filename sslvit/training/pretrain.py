@@ -344,16 +344,14 @@ def _open_data(recipe: Recipe, objective: Objective, accelerator: Accelerator) -
     """The training images with the objective's views -> (dataset, description, images per epoch or None)."""
     if not recipe.data.streaming:
         source = maybe_decoded(data.open_source(recipe.data), recipe.data.decode_cache_mb)
-        dataset = data.TransformedImages(
-            source, views_for(objective, recipe.data, accelerator.device), seed=recipe.train.seed
-        )
+        dataset = data.TransformedImages(source, views_for(objective, recipe.data), seed=recipe.train.seed)
         return dataset, dataset.source.description, len(dataset)
     if not (recipe.train.max_steps or recipe.train.budget_minutes):
         raise RecipeError("data.streaming=true gives no epoch length: set train.max_steps or train.budget_minutes")
     stream = data.open_stream(
         recipe.data,
         None,
-        views_for(objective, recipe.data, accelerator.device),
+        views_for(objective, recipe.data),
         accelerator.process_index,
         accelerator.num_processes,
         shuffle_buffer=STREAM_SHUFFLE_BUFFER,
