@@ -143,10 +143,27 @@ def guarded(command: Callable[[list[str] | None], int], argv: list[str] | None =
     """Run ``command``; a UserError becomes one line on stderr and exit code 2."""
     _setup_logging()
     try:
-        return command(argv)
+        code = command(argv)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
+        _leave_process_group(wait=False)  # the others may have failed too, or be stopped by the launcher
         return 2
+    _leave_process_group(wait=True)
+    return code
+
+
+def _leave_process_group(wait: bool) -> None:
+    """Leave the launch's process group, after the other processes have finished when ``wait``.
+
+    A process that exits with gloo's threads still running aborts ("terminate called without an active
+    exception", exit signal 6): it happened to a k-NN evaluation's rank 1, which returns while rank 0 classifies.
+    """
+    import torch.distributed as dist  # here, not at the top: this module imports the standard library only
+
+    if dist.is_available() and dist.is_initialized():
+        if wait:
+            dist.barrier()
+        dist.destroy_process_group()
 
 
 def _setup_logging() -> None:
