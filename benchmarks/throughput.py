@@ -48,8 +48,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from sslvit.accel import make_accelerator
 from sslvit.backbone import build_backbone, set_fused_attention
 from sslvit.objectives import OBJECTIVES
-from sslvit.recipe import Recipe, apply_overrides, derive, load_recipe
+from sslvit.recipe import Recipe, apply_overrides, load_recipe
 from sslvit.train import build_objective, make_optimizer, optimisation_step, prefer_math_attention
+from sslvit.training.derived import derive
 from sslvit.training.state import Trainer
 
 TOTAL_STEPS = 1_000_000  # the schedules' length; timing starts half-way: past warmup and the frozen last layer

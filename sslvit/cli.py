@@ -50,7 +50,8 @@ def resolve(recipe_name: str, overrides: list[str]):
 def run_pretrain(argv: list[str] | None = None) -> int:
     args = pretrain_parser().parse_args(argv)
     from sslvit.accel import launched_world_size
-    from sslvit.recipe import derive, list_recipes, resolved_json
+    from sslvit.recipe import list_recipes
+    from sslvit.training.derived import derive, resolved_json
 
     if args.list_recipes:
         for name in list_recipes():

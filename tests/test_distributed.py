@@ -69,3 +69,31 @@ def test_a_checkpoint_resumes_on_a_different_number_of_processes(runs, tmp_path,
     assert "(step 10)" in proc.stderr and "the data order (and the random masks) change" in proc.stderr
     assert (run / "encoder" / "model.safetensors").is_file()
     np.testing.assert_allclose(_losses(run)[-10:], _losses(runs / written_by)[-10:], rtol=0.05)
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_a_command_leaves_the_process_group_before_it_returns(monkeypatch, fails):
+    # a rank that exits with gloo's threads alive can abort ("terminate called without an active exception")
+    import torch.distributed as dist
+
+    from sslvit.cli import guarded
+    from sslvit.errors import UserError
+
+    for key, value in {
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(29581 + fails),
+        "RANK": "0",
+        "WORLD_SIZE": "1",
+    }.items():
+        monkeypatch.setenv(key, value)
+    seen = []
+
+    def command(argv):
+        dist.init_process_group("gloo")
+        seen.append(dist.is_initialized())
+        if fails:
+            raise UserError("a user mistake")
+        return 0
+
+    assert guarded(command, []) == (2 if fails else 0)
+    assert seen == [True] and not dist.is_initialized()

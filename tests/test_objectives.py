@@ -88,7 +88,7 @@ def test_a_step_has_a_finite_loss_and_reaches_the_encoder(name, one_thread):
 
 
 def _derived(recipe: Recipe):
-    from sslvit.recipe import derive
+    from sslvit.training.derived import derive
 
     return derive(recipe, 1, None)
 

@@ -12,7 +12,8 @@ import pytest
 
 from sslvit.cli import main
 from sslvit.errors import RecipeError
-from sslvit.recipe import apply_overrides, derive, list_recipes, load_recipe
+from sslvit.recipe import apply_overrides, list_recipes, load_recipe
+from sslvit.training.derived import derive
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -24,8 +24,9 @@ from sslvit.checkpoint import latest_checkpoint
 from sslvit.data.augment import render_on_device
 from sslvit.errors import TrainingDiverged
 from sslvit.objectives import Progress
-from sslvit.recipe import Derived, Recipe
+from sslvit.recipe import Recipe
 from sslvit.training.accumulate import MicroBatches, accumulate_gradients
+from sslvit.training.derived import Derived
 from sslvit.training.schedules import apply_schedules
 from sslvit.training.signals import stop_requested
 from sslvit.training.state import SkipCounts, StepResult, Trainer

@@ -31,8 +31,9 @@ from sslvit.checkpoint import export_encoder, save_checkpoint
 from sslvit.data.augment import views_for
 from sslvit.errors import DataError, RecipeError
 from sslvit.objectives import OBJECTIVES, Objective
-from sslvit.recipe import Derived, Recipe, derive, resolved_json
+from sslvit.recipe import Recipe
 from sslvit.runlock import check_output_dir, hold_run_folder
+from sslvit.training.derived import Derived, derive, resolved_json
 from sslvit.training.loop import LogWindow, handle_bad_step, micro_batches, optimisation_step, report_skipped
 from sslvit.training.monitoring import Monitor, fixed_batch, knn_monitor, log_images
 from sslvit.training.resume import refuse_another_model, resumable_checkpoints, resume

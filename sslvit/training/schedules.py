@@ -11,7 +11,8 @@ import torch
 from sslvit.errors import RecipeError
 
 if TYPE_CHECKING:
-    from sslvit.recipe import Derived, OptimConfig
+    from sslvit.recipe import OptimConfig
+    from sslvit.training.derived import Derived
 
 
 def scaled_lr(base_lr: float, global_batch: int) -> float:

@@ -22,7 +22,8 @@ from sslvit.checkpoint import load_checkpoint, read_trainer_state
 
 if TYPE_CHECKING:
     from sslvit.objectives import Objective
-    from sslvit.recipe import Derived, Recipe
+    from sslvit.recipe import Recipe
+    from sslvit.training.derived import Derived
 
 log = logging.getLogger("sslvit")
 

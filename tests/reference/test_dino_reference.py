@@ -18,7 +18,8 @@ from torch import nn
 from sslvit.backbone import build_vit
 from sslvit.objectives import DINO, DINOConfig, Progress
 from sslvit.objectives.teacher import teacher_momentum, teacher_temperature
-from sslvit.recipe import ModelConfig, derive, load_recipe
+from sslvit.recipe import ModelConfig, load_recipe
+from sslvit.training.derived import derive
 from sslvit.training.schedules import apply_schedules, warmup_cosine
 from tests.reference.dino_reference import (
     DINOHead,

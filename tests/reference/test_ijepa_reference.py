@@ -19,7 +19,8 @@ from torch import nn
 from sslvit.backbone import build_vit
 from sslvit.objectives import Progress
 from sslvit.objectives.ijepa import IJEPA, SEED_RANGE, IJEPAConfig, MultiBlockMasks
-from sslvit.recipe import ModelConfig, derive, load_recipe
+from sslvit.recipe import ModelConfig, load_recipe
+from sslvit.training.derived import derive
 from tests.reference.ijepa_reference import (
     MaskCollator,
     forward_context,
