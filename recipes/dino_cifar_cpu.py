@@ -11,6 +11,8 @@ Measured (this project's 2-core Xeon, one pinned core, the other running other b
 (595 s of training): CIFAR-10 k-NN 36.1% (CLS) against 27.9% for its random init (10k train bank / 2k test);
 ``--minutes 15`` (full 50k bank / 10k test): 2146 steps x 64, k-NN 42.0% against 28.8% at random init, linear
 43.3%; on both cores with nothing else running 2366 steps, 42.0% (docs/quality.md "Fourth round").
+``--minutes 60`` (2026-12-02, an AMD EPYC 2-core machine, one pinned core, the other running mae_cifar_cpu):
+10667 steps x 64, k-NN 50.2% (CLS) / 40.7% (patch mean), linear 49.4%.
 
 Launch:
     python pretrain.py --recipe dino_cifar_cpu --set data.path=../shared/data/cifar10 train.budget_minutes=15
