@@ -50,6 +50,11 @@ LR = 0.1  # sslvit's student takes a plain SGD step, large enough that the teach
 # (sslvit) where the authors multiply then add: an ulp. Each step starts from equal states (rounding does not
 # compound) and the EMA gets the student sslvit stepped, so each comparison is of one step's computation.
 LOSS_ULPS = 4
+# The loss at the official 65,536 prototypes is a sum of 65,536 same-signed terms per pair of crops: its rounding
+# grows like log2(K) ulps (vectorised pairwise sums), and how much depends on the CPU's kernels (within 4 ulps on
+# the Xeon these tests were written on; 4.4 ulps at teacher temperature 0.07 on an AMD EPYC, 2026-12-02, where
+# temperature 0.04 gave 1.5): 4 ulps is the small-K bound, log2(K) = 16 the large-K one.
+LOSS_ULPS_AT_OFFICIAL_K = 16
 GRAD_ULPS = 16
 CENTRE_ULPS = 2
 TEACHER_ULPS = 2
@@ -213,7 +218,7 @@ def test_the_loss_and_centre_at_the_official_output_size_equal_the_authors(epoch
         before = ours.dino_loss.center.clone()
         loss, expected = ours.compute_loss(student, teacher), reference(student, teacher, epoch)
         assert torch.equal(ours.dino_loss.center, before)  # sslvit's centre moves after the optimizer step
-        worst_loss = max(worst_loss, assert_float32_close(loss, expected, LOSS_ULPS, "loss"))
+        worst_loss = max(worst_loss, assert_float32_close(loss, expected, LOSS_ULPS_AT_OFFICIAL_K, "loss"))
         largest_loss = max(largest_loss, expected.item())
         ours.after_step(progress)  # sslvit moves the centre after the optimizer step
         centre = ours.dino_loss.center.view(1, k)
